@@ -1,0 +1,17 @@
+"""Update compression: codecs with one uniform interface and exact byte accounting."""
+
+from fedpower.codecs.base import ArraySpec, Codec, Payload, PayloadError, Tensors, layout_nbytes, layout_of, payload_nbytes
+from fedpower.codecs.chain import Chain
+from fedpower.codecs.dense import Dense
+from fedpower.codecs.error_feedback import ErrorFeedback
+from fedpower.codecs.factory import build_codec, is_shared
+from fedpower.codecs.packing import pack, unpack
+from fedpower.codecs.powersgd import PowerSGD, SharedPowerSGD, init_basis, next_basis
+from fedpower.codecs.quantize import Quantize
+from fedpower.codecs.topk import TopK
+
+__all__ = [
+    "ArraySpec", "Chain", "Codec", "Dense", "ErrorFeedback", "Payload", "PayloadError", "PowerSGD", "Quantize",
+    "SharedPowerSGD", "Tensors", "TopK", "build_codec", "init_basis", "is_shared", "layout_nbytes", "layout_of",
+    "next_basis", "pack", "payload_nbytes", "unpack",
+]

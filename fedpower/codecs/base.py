@@ -1,0 +1,166 @@
+"""The codec interface every compression method implements.
+
+A codec maps named float tensors to named *encoded* tensors (exact dtypes: float32, float16,
+int8, uint8, int32) and back. The shape of that mapping is fixed by the input layout and the
+codec's configuration, so both ends of a link derive it (`layout`) and never send it.
+
+Shape of the interface (optax-style, state is explicit and returned, never mutated in place):
+
+- ``layout(inputs)``           -> the encoded arrays' specs, derived from the input specs.
+- ``init_state(inputs, device, seed)`` -> client-side persistent state (e.g. warm-start factors).
+- ``encode(tensors, state, generator)`` -> ``(encoded, new_state)``.
+- ``decode(encoded, inputs)``  -> dense float32 tensors with the input shapes.
+- ``reduce(encoded_list, weights, inputs)`` -> the weighted aggregate in the codec's *linear space*
+  (dense tensors for most codecs; factors for shared-basis PowerSGD). DP noise is added here.
+- ``expand(reduced, inputs)``  -> dense float32 update from ``reduce``'s output.
+
+Decoding validates everything (names, shapes, dtypes, finiteness, index ranges) and raises only
+:class:`PayloadError` on malformed input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+Tensors = dict[str, torch.Tensor]
+Payload = dict[str, np.ndarray]
+
+#: dtypes a payload may carry; anything else is rejected on decode.
+WIRE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.int8, torch.uint8, torch.int32)
+
+
+class PayloadError(ValueError):
+    """A payload does not match its expected layout, or carries non-finite / out-of-range values."""
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """Shape and dtype of one named array."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the array occupies in a payload."""
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+Layout = dict[str, ArraySpec]
+
+
+def layout_of(tensors: Mapping[str, torch.Tensor]) -> Layout:
+    """The layout (shape and dtype per name) of a dict of tensors."""
+    return {name: ArraySpec(tuple(t.shape), t.dtype) for name, t in tensors.items()}
+
+
+def layout_nbytes(layout: Mapping[str, ArraySpec]) -> int:
+    """Total payload bytes of a layout."""
+    return sum(spec.nbytes for spec in layout.values())
+
+
+def validate(encoded: Mapping[str, torch.Tensor], layout: Mapping[str, ArraySpec], *, finite: bool = True) -> None:
+    """Check names, shapes, dtypes and (for floats) finiteness of ``encoded`` against ``layout``."""
+    missing = sorted(set(layout) - set(encoded))
+    extra = sorted(set(encoded) - set(layout))
+    if missing or extra:
+        raise PayloadError(f"payload names do not match the layout: missing={missing[:5]} unexpected={extra[:5]}")
+    for name, spec in layout.items():
+        t = encoded[name]
+        if not isinstance(t, torch.Tensor):
+            raise PayloadError(f"{name}: expected a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != tuple(spec.shape):
+            raise PayloadError(f"{name}: shape {tuple(t.shape)} != expected {tuple(spec.shape)}")
+        if t.dtype != spec.dtype:
+            raise PayloadError(f"{name}: dtype {t.dtype} != expected {spec.dtype}")
+        if finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"{name}: contains NaN or Inf")
+
+
+class Codec:
+    """Base class: identity-free defaults shared by every codec (stateless, linear reduce)."""
+
+    #: True when ``reduce`` is linear in the encoded arrays (needed for secure aggregation / DP in factor space).
+    linear_space_is_factors: bool = False
+
+    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """Specs of the encoded arrays for inputs with the given specs."""
+        raise NotImplementedError
+
+    def init_state(self, inputs: Mapping[str, ArraySpec], device: torch.device | str = "cpu", seed: int = 0) -> Tensors:
+        """Client-side persistent state for these inputs (empty for stateless codecs)."""
+        return {}
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensors, Tensors]:
+        """Encode ``tensors``; returns the encoded arrays and the new state."""
+        raise NotImplementedError
+
+    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Dense float32 tensors with the input shapes; raises PayloadError on malformed input."""
+        raise NotImplementedError
+
+    def reduce(
+        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        inputs: Mapping[str, ArraySpec],
+    ) -> Tensors:
+        """Weighted sum of the clients' contributions in this codec's linear space (default: dense)."""
+        return weighted_sum([self.decode(e, inputs) for e in encoded_list], weights)
+
+    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Dense update from the output of ``reduce`` (identity for dense linear spaces)."""
+        return dict(reduced)
+
+
+def weighted_sum(items: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:
+    """Σ w_i · items_i, name by name (float32)."""
+    if len(items) != len(weights):
+        raise ValueError(f"{len(items)} items but {len(weights)} weights")
+    if not items:
+        raise ValueError("weighted_sum of nothing")
+    out: Tensors = {}
+    for name in items[0]:
+        acc = torch.zeros_like(items[0][name], dtype=torch.float32)
+        for item, w in zip(items, weights):
+            acc.add_(item[name].to(torch.float32), alpha=float(w))
+        out[name] = acc
+    return out
+
+
+def to_numpy(encoded: Mapping[str, torch.Tensor]) -> Payload:
+    """Move encoded tensors to CPU numpy arrays (the payload)."""
+    return {name: t.detach().cpu().contiguous().numpy() for name, t in encoded.items()}
+
+
+def from_numpy(payload: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> Tensors:
+    """Numpy payload to tensors on ``device``; rejects dtypes a payload may not carry."""
+    out: Tensors = {}
+    for name, arr in payload.items():
+        if not isinstance(arr, np.ndarray):
+            raise PayloadError(f"{name}: expected a numpy array, got {type(arr).__name__}")
+        if arr.dtype.kind not in "fiu" or arr.dtype.byteorder not in ("=", "|", "<"):
+            raise PayloadError(f"{name}: dtype {arr.dtype} is not allowed in a payload")
+        t = torch.from_numpy(np.ascontiguousarray(arr).reshape(arr.shape))
+        if t.dtype not in WIRE_DTYPES:
+            raise PayloadError(f"{name}: dtype {t.dtype} is not allowed in a payload")
+        out[name] = t.to(device)
+    return out
+
+
+def payload_nbytes(payload: Mapping[str, np.ndarray | torch.Tensor]) -> int:
+    """Payload size: the sum of the arrays' bytes (nothing estimated)."""
+    total = 0
+    for arr in payload.values():
+        total += arr.nbytes if isinstance(arr, np.ndarray) else arr.numel() * arr.element_size()
+    return total

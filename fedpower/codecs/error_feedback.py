@@ -1,0 +1,80 @@
+"""Error feedback around any codec: the part of an update that was not sent is sent later.
+
+``M = Δ + e``; send ``C(M)``; keep ``e ← M − decode(C(M))``. The residual is explicit state
+(returned, never written into the caller's tensors), so a client can persist it between rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors
+
+RESIDUAL = "residual/"
+INNER = "inner/"
+
+
+def split_state(state: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
+    """The entries of ``state`` under ``prefix``, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
+    """``state`` with every key put under ``prefix``."""
+    return {prefix + k: v for k, v in state.items()}
+
+
+@dataclass(frozen=True)
+class ErrorFeedback(Codec):
+    """Wraps ``inner`` and carries its compression error into the next encode."""
+
+    inner: Codec  # the codec whose error is fed back
+
+    @property
+    def linear_space_is_factors(self) -> bool:  # type: ignore[override]
+        """Same linear space as the wrapped codec."""
+        return self.inner.linear_space_is_factors
+
+    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """Same wire layout as the wrapped codec: error feedback costs no bytes."""
+        return self.inner.layout(inputs)
+
+    def init_state(self, inputs: Mapping[str, ArraySpec], device: torch.device | str = "cpu", seed: int = 0) -> Tensors:
+        """Zero residuals plus the wrapped codec's state."""
+        residual = {RESIDUAL + n: torch.zeros(s.shape, dtype=torch.float32, device=device) for n, s in inputs.items()}
+        return {**residual, **prefixed(self.inner.init_state(inputs, device, seed), INNER)}
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensors, Tensors]:
+        """Encode ``tensors + residual``; the new residual is what decoding will not give back."""
+        state = dict(state or {})
+        residual = split_state(state, RESIDUAL)
+        inner_state = split_state(state, INNER)
+        if not inner_state:
+            inner_state = None
+        corrected = {n: t + residual[n] if n in residual else t.clone() for n, t in tensors.items()}
+        encoded, new_inner = self.inner.encode(corrected, inner_state, generator)
+        inputs = {n: ArraySpec(tuple(t.shape), t.dtype) for n, t in corrected.items()}
+        decoded = self.inner.decode(encoded, inputs)
+        new_residual = {n: corrected[n] - decoded[n] for n in corrected}
+        return encoded, {**prefixed(new_residual, RESIDUAL), **prefixed(new_inner, INNER)}
+
+    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Decoding is the wrapped codec's."""
+        return self.inner.decode(encoded, inputs)
+
+    def reduce(
+        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        inputs: Mapping[str, ArraySpec],
+    ) -> Tensors:
+        """Aggregation is the wrapped codec's."""
+        return self.inner.reduce(encoded_list, weights, inputs)
+
+    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Expansion is the wrapped codec's."""
+        return self.inner.expand(reduced, inputs)
