@@ -1,0 +1,1 @@
+"""Flower ClientApp side of fedpower (the same app runs in simulation and on a device)."""

@@ -1,0 +1,218 @@
+"""The ``run.py`` command line: validate a YAML experiment, run it, show progress, write outputs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of run.py (DESIGN.md §5 contract)."""
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Run every strategy of a YAML experiment on identical data and compare them.")
+    parser.add_argument("config", nargs="?", help="YAML experiment (default: configs/quickstart.yaml)")
+    parser.add_argument("--out", help="output folder (default: results/<experiment>-<timestamp>/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override a config value, e.g. --set train.rounds=3 (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
+    parser.add_argument("--verbose", action="store_true", help="show Flower and Ray logs on the console")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    return parser
+
+
+class LiveProgress:
+    """Rich live view: one row per strategy with round, accuracy, cumulative uplink and ETA."""
+
+    def __init__(self, console: Console, names: Sequence[str], rounds: dict[str, int]) -> None:
+        self.console = console
+        self.rows: dict[str, dict[str, Any]] = {n: {"round": 0, "rounds": rounds[n], "acc": None, "up": 0,
+                                                    "status": "waiting", "started": None} for n in names}
+        self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
+
+    def _render(self) -> Table:
+        table = Table(header_style="bold", title="fedpower run")
+        for col in ("strategy", "round", "accuracy %", "uplink MB", "ETA", "status"):
+            table.add_column(col, justify="left" if col in ("strategy", "status") else "right")
+        for name, r in self.rows.items():
+            eta = "-"
+            if r["started"] and 0 < r["round"] < r["rounds"]:
+                per_round = (time.perf_counter() - r["started"]) / r["round"]
+                eta = f"{per_round * (r['rounds'] - r['round']):.0f} s"
+            acc = "-" if r["acc"] is None else f"{100 * r['acc']:.2f}"
+            table.add_row(name, f"{r['round']}/{r['rounds']}", acc, f"{r['up'] / 1e6:.3f}", eta, r["status"])
+        return table
+
+    def strategy_started(self, name: str, rounds: int) -> None:
+        """A strategy begins."""
+        self.rows[name].update(status="running", started=time.perf_counter())
+        self.live.update(self._render())
+
+    def round_finished(self, name: str, row: dict[str, Any]) -> None:
+        """Update a strategy's row."""
+        r = self.rows[name]
+        r["round"] = row["round"]
+        if row["accuracy"] == row["accuracy"]:  # NaN when evaluation was skipped this round
+            r["acc"] = row["accuracy"]
+        r["up"] += row["uplink_bytes"]
+        self.live.update(self._render())
+
+    def strategy_finished(self, name: str, final: dict[str, Any]) -> None:
+        """Mark a strategy done."""
+        r = self.rows[name]
+        r["status"] = "done" if final["rounds_completed"] == r["rounds"] else "stopped"
+        self.live.update(self._render())
+
+
+def _setup_logging(out_dir: Path, verbose: bool) -> None:
+    """Everything goes to run.log; the console gets warnings only unless --verbose."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handler = logging.FileHandler(out_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    # Flower installs its own console handler on the "flwr" logger; route it to our file too.
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.addHandler(handler)
+    if not verbose:
+        for h in list(flwr_logger.handlers):
+            if h is not handler and isinstance(h, logging.StreamHandler):
+                h.setLevel(logging.ERROR)
+
+
+def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
+    """Model size and dense fp32 bytes per round, for --dry-run."""
+    from fedpower.experiment import experiment_data, experiment_model
+    from fedpower.training import get_params
+    from strategies.server import clients_per_round
+
+    dataset = experiment_data(experiment)[0]
+    out: dict[str, Any] = {}
+    for entry in experiment["strategies"]:
+        params = get_params(experiment_model(experiment, entry["name"], dataset))
+        numel = sum(t.numel() for t in params.values())
+        cohort = clients_per_round(experiment["train"], int(experiment["data"]["num_clients"]))
+        out[entry["name"]] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
+                              "dense_uplink_bytes_per_round": 4 * numel * cohort}
+    return out
+
+
+class StopFlag:
+    """First Ctrl-C asks the run to stop after the current round; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.console: Console | None = None
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+    def handler(self, signum: int, frame: Any) -> None:
+        """SIGINT handler."""
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        if self.console is not None:
+            self.console.print("[yellow]Stopping after the current round (Ctrl-C again to abort)…[/]")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (0 ok, 1 failed run, 2 bad config/usage)."""
+    console = Console(stderr=False)
+    err_console = Console(stderr=True)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed usage
+        return EXIT_OK if exc.code == 0 else EXIT_USAGE
+
+    from fedpower.config import ConfigError, default_config_path, load_config
+
+    config_path = Path(args.config) if args.config else default_config_path()
+    try:
+        config = load_config(config_path, args.overrides)
+    except ConfigError as err:
+        err_console.print(f"[bold red]config error:[/] {err}", highlight=False, markup=True)
+        return EXIT_USAGE
+    experiment = config.to_dict()
+
+    if args.dry_run:
+        console.print_json(json.dumps(experiment, default=str))
+        try:
+            summary = dense_summary(experiment)
+        except Exception as err:  # noqa: BLE001 - data/model errors are user errors here
+            err_console.print(f"[bold red]error:[/] {err}")
+            return EXIT_USAGE
+        for name, info in summary.items():
+            console.print(f"{name}: {info['parameters']:,} parameters; dense fp32 update "
+                          f"{info['dense_fp32_bytes_per_client']:,} B per client, "
+                          f"{info['dense_uplink_bytes_per_round']:,} B uplink per round")
+        return EXIT_OK
+
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = Path(args.out) if args.out else Path("results") / f"{experiment['experiment']}-{stamp}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.resolved.json").write_text(json.dumps(experiment, indent=2, default=str))
+    _setup_logging(out_dir, args.verbose)
+
+    from fedpower.data import DataError
+    from fedpower.models import ModelError
+    from fedpower.report import comparison_table, environment_info, write_csv, write_plots, write_results
+    from fedpower.results import RunResults
+
+    try:  # load once up front: a bad data file or model name is a usage error, not a failed run
+        dense_summary(experiment)
+    except (DataError, ModelError) as err:
+        err_console.print(f"[bold red]error:[/] {err}")
+        return EXIT_USAGE
+
+    results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    names = [s["name"] for s in experiment["strategies"]]
+    from fedpower.experiment import strategy_settings
+
+    rounds = {n: int(strategy_settings(experiment, n)["train"]["rounds"]) for n in names}
+    stop = StopFlag()
+    stop.console = console
+    previous = signal.signal(signal.SIGINT, stop.handler)
+    progress = LiveProgress(console, names, rounds)
+    failed: BaseException | None = None
+    from strategies.simulation import run_simulation_experiment
+
+    try:
+        with progress.live:
+            run_simulation_experiment(experiment, results, observer=progress, verbose=args.verbose,
+                                      should_stop=stop)
+    except KeyboardInterrupt:
+        console.print("[yellow]Aborted; writing the results so far.[/]")
+    except Exception as err:  # noqa: BLE001 - report, keep partial results, exit 1
+        failed = err
+        logging.getLogger("fedpower").exception("run failed")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    write_results(results, out_dir)
+    write_csv(results, out_dir)
+    if not args.no_plots and any(s.rounds for s in results.strategies.values()):
+        write_plots(results, out_dir)
+    console.print(comparison_table(results))
+    console.print(f"Results in [bold]{out_dir}[/] (results.json, metrics.csv, ledger.csv, plots, run.log)")
+    if failed is not None:
+        err_console.print(f"[bold red]run failed:[/] {failed} (details in {out_dir / 'run.log'})")
+        return EXIT_FAILED
+    incomplete = [s.name for s in results.strategies.values() if not s.completed]
+    if len(results.strategies) < len(names) or incomplete:
+        console.print("[yellow]Run stopped early; partial results were written.[/]")
+    return EXIT_OK

@@ -1,0 +1,517 @@
+"""The experiment schema: YAML loading, ``--set`` overrides, validation with actionable errors.
+
+One YAML file describes an experiment (data, model, training, simulation) and the list of strategies
+compared on it; the key names are a contract (DESIGN.md §5). A strategy may override any training
+key (``train:``, partial, deep-merged over the top-level ``train``) and the model (``model:``).
+Read a config with :func:`load_config`; every user mistake raises :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args, get_origin
+
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, model_serializer, model_validator,
+)
+
+from fedpower.config_errors import (
+    ConfigError,
+    ConfigIssues,
+    Lines,
+    Loc,
+    dotted,
+    format_issues,
+    is_model,
+    load_yaml,
+    parse_yaml_value,
+    show,
+    suggest,
+    unwrap,
+)
+
+__all__ = [
+    "ConfigError",
+    "CompressionConfig",
+    "DataConfig",
+    "DownlinkConfig",
+    "ExperimentConfig",
+    "ModelConfig",
+    "PartitionConfig",
+    "PrivacyConfig",
+    "ServerOptimizerConfig",
+    "SimulationConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "apply_override",
+    "default_config_path",
+    "load_config",
+    "parse_config",
+]
+
+FILE_DATASETS = ("npz", "parquet", "csv")  # data sets read from data.path, which must exist
+_MODEL_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class _Model(BaseModel):
+    """Base of every config section: unknown keys rejected, no silent type coercion, finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, validate_default=False)
+
+
+class PartitionConfig(_Model):
+    """How training examples are split across clients."""
+
+    kind: Literal["iid", "dirichlet", "pathological", "shard", "natural"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration; smaller = more skewed label mixes
+    classes_per_client: int = Field(2, ge=1)  # pathological: distinct labels per client
+    shards_per_client: int = Field(2, ge=1)  # shard: label-sorted shards per client
+
+
+class DataConfig(_Model):
+    """The data set, its clients and the held-out test split."""
+
+    dataset: Literal["mnist1d", "digits", "synthetic", "shakespeare", "npz", "parquet", "csv", "hf"] = "mnist1d"
+    path: Optional[str] = None  # npz/parquet/csv file (relative to the YAML file), or hf data set id
+    num_clients: int = Field(100, ge=1)  # clients the training data is partitioned into
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # held out when the data set has no test split
+    label_column: str = "label"  # parquet/csv/hf: the column holding the integer label
+    options: dict[str, Any] = Field(default_factory=dict)  # extra data set options, e.g. {seq_len: 80} for shakespeare
+
+    @model_validator(mode="after")
+    def _resolve_path(self, info: ValidationInfo) -> "DataConfig":
+        """Require and resolve ``path`` for file data sets; reject a path the data set ignores."""
+        base = Path((info.context or {}).get("base_dir") or ".")
+        if self.dataset in FILE_DATASETS:
+            if self.path is None:
+                raise ConfigIssues([(("path",), f"data.dataset '{self.dataset}' reads a file: set data.path to it")])
+            resolved = (base / Path(self.path).expanduser()).resolve()
+            if not resolved.is_file():
+                relative = "" if Path(self.path).is_absolute() else f" (relative to {base.resolve()})"
+                raise ConfigIssues([(("path",), f"file not found: {resolved}{relative}")])
+            self.path = str(resolved)
+        elif self.dataset == "hf":
+            if self.path is None:
+                raise ConfigIssues([(("path",), "data.dataset 'hf' needs data.path: a Hugging Face data set id or file")])
+            local = base / Path(self.path).expanduser()
+            if local.exists():
+                self.path = str(local.resolve())
+        elif self.path is not None:
+            raise ConfigIssues(
+                [(("path",), f"data.dataset '{self.dataset}' does not read a file; set data.dataset to one of "
+                  f"{', '.join(FILE_DATASETS)} (or hf), or remove data.path")]
+            )
+        return self
+
+
+class ModelConfig(_Model):
+    """The model trained by every client."""
+
+    name: str = Field("cnn1d", pattern=_MODEL_NAME)  # reference model name, or "package.module:Class"
+    options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments for the model's constructor
+
+
+class ServerOptimizerConfig(_Model):
+    """How the server applies the decoded aggregate update (FedAvg, FedAvgM, FedAdam, FedYogi)."""
+
+    name: Literal["sgd", "momentum", "adam", "yogi"] = "sgd"
+    lr: float = Field(1.0, gt=0)  # server learning rate (1.0 = plain FedAvg; try ~0.01 for adam/yogi)
+    momentum: float = Field(0.9, ge=0, lt=1)  # momentum: heavy-ball coefficient
+    beta1: float = Field(0.9, ge=0, lt=1)  # adam/yogi: first-moment decay
+    beta2: float = Field(0.99, ge=0, lt=1)  # adam/yogi: second-moment decay
+    eps: float = Field(1e-3, gt=0)  # adam/yogi: adaptivity tau, as Flower's FedAdam/FedYogi
+
+
+class TrainConfig(_Model):
+    """Rounds, client sampling, local training and the server optimizer."""
+
+    rounds: int = Field(50, ge=1)  # federated rounds
+    clients_per_round: Optional[int] = Field(10, ge=1)  # clients sampled per round (or use fraction)
+    fraction: Optional[float] = Field(None, gt=0, le=1)  # share of clients sampled per round
+    local_epochs: int = Field(1, ge=1)  # passes over its data per client per round
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"  # client optimizer
+    lr: float = Field(0.05, gt=0)  # client learning rate
+    momentum: float = Field(0.0, ge=0, lt=1)  # client SGD momentum
+    weight_decay: float = Field(0.0, ge=0)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where clients train
+    server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
+    evaluate_every: int = Field(1, ge=1)  # rounds between evaluations of the global model
+    federated_evaluation: bool = False  # also evaluate on the clients' local data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_sampling_rule(cls, data: Any) -> Any:
+        """Allow clients_per_round or fraction, not both; fraction alone clears clients_per_round."""
+        if isinstance(data, dict) and data.get("fraction") is not None:
+            if data.get("clients_per_round") is not None:
+                raise ConfigIssues([(("fraction",), "set either clients_per_round or fraction, not both "
+                                     "(set the other to null)")])
+            data = {**data, "clients_per_round": None}
+        return data
+
+    @model_validator(mode="after")
+    def _some_sampling_rule(self) -> "TrainConfig":
+        """Require a way to sample clients."""
+        if self.clients_per_round is None and self.fraction is None:
+            raise ConfigIssues([(("clients_per_round",), "set clients_per_round (or fraction); both are null")])
+        return self
+
+    def sampled_clients(self, num_clients: int) -> int:
+        """Clients sampled per round out of ``num_clients`` (fraction rounds, at least 1)."""
+        if self.fraction is not None:
+            return max(1, min(num_clients, round(self.fraction * num_clients)))
+        return min(num_clients, int(self.clients_per_round or 1))
+
+
+class SimulationConfig(_Model):
+    """Resources of the Flower simulation engine."""
+
+    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_gpus_per_client: float = Field(0.0, ge=0)  # fractional GPUs let clients share one
+    ray_address: Optional[str] = None  # an existing Ray cluster; null starts a local one
+    max_concurrent_clients: Optional[int] = Field(None, ge=1)  # null: as many as resources allow
+
+
+class DownlinkConfig(_Model):
+    """Compression of what the server sends back (default: the dense model)."""
+
+    method: Literal["none", "fp16", "int8", "powersgd"] = "none"
+    rank: int = Field(4, ge=1)  # powersgd rank
+    error_feedback: bool = True  # server-side residual of the compressed aggregate
+
+
+class CompressionConfig(_Model):
+    """Uplink compression of client updates."""
+
+    method: Literal["none", "fp16", "int8", "quantize", "topk", "powersgd"] = "none"
+    mode: Literal["independent", "shared"] = "independent"  # powersgd: per-client factors or shared basis
+    rank: int = Field(4, ge=1)  # powersgd rank r
+    power_iterations: int = Field(1, ge=1)  # powersgd independent: iterations per round (free of bytes)
+    deflation: bool = False  # powersgd independent: fit rank-1 components one after another
+    min_compression_rate: float = Field(2.0, ge=1)  # tensors saving less go through the fallback codec
+    quantize_bits: Optional[Literal[2, 4, 8, 16]] = None  # quantize the payload (powersgd factors, topk values)
+    quantize_scheme: Literal["stochastic", "log"] = "stochastic"  # log needs 8 or 4 bits
+    block_size: int = Field(128, ge=8)  # values sharing one quantization scale
+    ratio: float = Field(0.01, gt=0, le=1)  # topk: share of entries sent
+    error_feedback: bool = True  # client keeps the compression residual and adds it next round
+    start_after_rounds: int = Field(0, ge=0)  # dense rounds before compression starts
+    downlink: DownlinkConfig = Field(default_factory=DownlinkConfig)
+
+    @property
+    def effective_bits(self) -> Optional[int]:
+        """Bits per quantized value on the uplink (16 for fp16), or None when nothing is quantized."""
+        return {"fp16": 16, "int8": 8}.get(self.method, self.quantize_bits)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CompressionConfig":
+        """Reject option combinations that have no meaning; method quantize defaults to 8 bits."""
+        issues: list[tuple[Loc, str]] = []
+        if self.method == "powersgd" and self.mode == "shared" and self.deflation:
+            issues.append((("deflation",), "deflation works only with mode 'independent' (the shared basis is "
+                           "updated one half-step per round); set deflation: false or mode: independent"))
+        if self.quantize_bits is not None and self.method in ("none", "fp16", "int8"):
+            dense = {"none": "no compression", "fp16": "dense fp16", "int8": "dense int8"}[self.method]
+            issues.append((("quantize_bits",), f"method '{self.method}' means {dense}; quantize_bits applies to "
+                           "methods quantize, topk and powersgd (use method: quantize for dense n-bit)"))
+        if self.method == "quantize" and self.quantize_bits is None:
+            self.quantize_bits = 8
+        bits = self.effective_bits
+        if self.quantize_scheme == "log" and bits not in (8, 4):
+            issues.append((("quantize_scheme",), f"scheme 'log' needs 8 or 4 bits, got "
+                           f"{'no quantization' if bits is None else f'{bits} bits'}"))
+        if issues:
+            raise ConfigIssues(issues)
+        return self
+
+
+class PrivacyConfig(_Model):
+    """Differential privacy: clipping, Gaussian noise and the accountant."""
+
+    mode: Literal["central", "local"]  # central: server adds noise; local: each client does
+    clip_norm: float = Field(gt=0)  # L2 bound on each client's whole contribution
+    noise_multiplier: Optional[float] = Field(None, ge=0)  # sigma; null: calibrate to target_epsilon
+    target_epsilon: Optional[float] = Field(None, gt=0)  # budget at delta (stop/error when exceeded)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    sampling: Literal["poisson", "fixed"] = "poisson"  # client sampling the accountant assumes and uses
+    accountant: Literal["rdp", "pld"] = "rdp"
+    on_budget_exceeded: Literal["stop", "error"] = "stop"
+
+    @model_validator(mode="after")
+    def _noise_given(self) -> "PrivacyConfig":
+        """Require a noise level or a budget to calibrate one."""
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ConfigIssues([(("noise_multiplier",), "set noise_multiplier (sigma), or target_epsilon to "
+                                 "calibrate sigma for that budget")])
+        return self
+
+
+class _Partial(_Model):
+    """A partial override of a section: every key optional; only the keys given are dumped."""
+
+    @model_serializer(mode="wrap")
+    def _only_set(self, handler: Any) -> dict[str, Any]:
+        """Dump the keys that were given."""
+        dumped = handler(self)
+        if not isinstance(dumped, dict):  # an unset nested override (None) reaches here too
+            return dumped
+        return {key: value for key, value in dumped.items() if key in self.model_fields_set}
+
+
+def _partial(model: type[_Model], nested: dict[str, type[BaseModel]] | None = None) -> type[_Partial]:
+    """A :class:`_Partial` twin of ``model``: same keys and constraints, all defaulting to 'not set'."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        annotation: Any = (nested or {}).get(name, info.annotation)
+        if info.metadata and name not in (nested or {}):
+            annotation = Annotated[(annotation, *info.metadata)]
+        fields[name] = (annotation, Field(None))
+    partial = create_model(f"{model.__name__}Override", __base__=_Partial, **fields)
+    partial.__doc__ = f"Partial override of {model.__name__}: only the keys given replace the inherited ones."
+    return partial
+
+
+ServerOptimizerOverride = _partial(ServerOptimizerConfig)
+TrainOverride = _partial(TrainConfig, {"server_optimizer": ServerOptimizerOverride})
+ModelOverride = _partial(ModelConfig)
+
+
+class StrategyConfig(_Model):
+    """One compared method: compression, privacy and optional overrides of train / model."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # unique; used in tables, files and --set paths
+    compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    privacy: Optional[PrivacyConfig] = None  # null: no differential privacy
+    train: Optional[TrainOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level train
+    model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class ExperimentConfig(_Model):
+    """A whole experiment: every strategy runs on identical data, partitions, sampling and seeds."""
+
+    experiment: str = Field("experiment", min_length=1)  # name shown in reports and results.json
+    seed: int = Field(0, ge=0)  # seeds data generation, partitioning, sampling and models
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    strategies: list[StrategyConfig] = Field(min_length=1)  # compared on identical data
+
+    def strategy(self, name: str) -> StrategyConfig:
+        """The strategy called ``name`` (KeyError with suggestions if there is none)."""
+        for strategy in self.strategies:
+            if strategy.name == name:
+                return strategy
+        names = [s.name for s in self.strategies]
+        raise KeyError(f"no strategy '{name}'{suggest(name, names)} (have: {', '.join(names)})")
+
+    def _merged_train(self, strategy: StrategyConfig) -> dict[str, Any]:
+        """Top-level train keys with the strategy's train keys merged over them."""
+        base = self.train.model_dump()
+        override = strategy.train.model_dump() if strategy.train is not None else {}
+        for one, other in (("fraction", "clients_per_round"), ("clients_per_round", "fraction")):
+            if override.get(one) is not None and other not in override:
+                base[other] = None  # the strategy chose the other sampling rule
+        return _deep_merge(base, override)
+
+    def resolved_train(self, strategy: Union[StrategyConfig, str]) -> TrainConfig:
+        """The training settings of ``strategy`` (a strategy or its name): top-level train + its overrides."""
+        chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        if chosen.train is None:
+            return self.train.model_copy(deep=True)
+        return TrainConfig.model_validate(self._merged_train(chosen))
+
+    def resolved_model(self, strategy: Union[StrategyConfig, str]) -> ModelConfig:
+        """The model of ``strategy`` (a strategy or its name): top-level model + its overrides."""
+        chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        if chosen.model is None:
+            return self.model.model_copy(deep=True)
+        return ModelConfig.model_validate(_deep_merge(self.model.model_dump(), chosen.model.model_dump()))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as JSON-serializable data (parse_config reads it back unchanged)."""
+        return self.model_dump(mode="json")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ExperimentConfig":
+        """Unique strategy names; valid merged per-strategy train; no more clients per round than clients."""
+        issues: list[tuple[Loc, Any]] = []
+        related: list[Loc] = [("data", "num_clients")]
+        first_index: dict[str, int] = {}
+        for index, strategy in enumerate(self.strategies):
+            if strategy.name in first_index:
+                issues.append((("strategies", index, "name"), f"duplicate strategy name '{strategy.name}' (also "
+                               f"strategies[{first_index[strategy.name]}]); names must be unique"))
+            first_index.setdefault(strategy.name, index)
+        num_clients = self.data.num_clients
+        if self.train.clients_per_round is not None and self.train.clients_per_round > num_clients:
+            issues.append((("train", "clients_per_round"), f"{self.train.clients_per_round} clients per round, but "
+                           f"data.num_clients is {num_clients}; lower train.clients_per_round or raise data.num_clients"))
+        for index, strategy in enumerate(self.strategies):
+            if strategy.train is None:
+                continue
+            try:
+                train = TrainConfig.model_validate(self._merged_train(strategy))
+            except ValidationError as exc:
+                issues += [(("strategies", index, "train"), error) for error in exc.errors()]
+                continue
+            given = strategy.train.model_fields_set
+            if "clients_per_round" in given and train.clients_per_round and train.clients_per_round > num_clients:
+                issues.append((("strategies", index, "train", "clients_per_round"), f"{train.clients_per_round} "
+                               f"clients per round, but data.num_clients is {num_clients}; lower it or raise "
+                               "data.num_clients"))
+        if issues:
+            raise ConfigIssues(issues, related)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides.
+
+
+def default_config_path() -> Path:
+    """The shipped quickstart config: ``configs/quickstart.yaml`` in the repository root."""
+    return Path(__file__).resolve().parent.parent / "configs" / "quickstart.yaml"
+
+
+def parse_config(
+    data: Any, *, source: str = "<config>", lines: Lines | None = None, base_dir: str | Path | None = None
+) -> ExperimentConfig:
+    """Validate plain config data (relative data paths resolve against ``base_dir``, default cwd)."""
+    if data is None:
+        raise ConfigError(f"{source}: the config is empty; start from {default_config_path()}")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of 'key: value' lines (experiment, data, model, "
+                          f"train, strategies), got {type(data).__name__} {show(data)}")
+    try:
+        return ExperimentConfig.model_validate(data, context={"base_dir": Path(base_dir or ".")})
+    except ValidationError as exc:
+        message = format_issues(exc.errors(), source=source, lines=lines or {}, data=data, root=ExperimentConfig)
+        raise ConfigError(message) from None
+
+
+def _list_item(items: list[Any], segments: list[str], so_far: str) -> tuple[int, int]:
+    """(index, segments used) of the list item named by ``segments``: an index or a strategy name."""
+    if segments[0].lstrip("-").isdigit():
+        index = int(segments[0])
+        if not 0 <= index < len(items):
+            raise ConfigError(f"--set {so_far}.{segments[0]}: there are {len(items)} item(s), indexed 0 to "
+                              f"{len(items) - 1} (or use the strategy name)")
+        return index, 1
+    names = [item.get("name") for item in items if isinstance(item, dict)]
+    for used in range(len(segments), 0, -1):  # names may contain '.'
+        candidate = ".".join(segments[:used])
+        if candidate in names:
+            return names.index(candidate), used
+    known = [str(n) for n in names if n is not None]
+    raise ConfigError(f"--set {so_far}.{segments[0]}: no strategy named '{segments[0]}'{suggest(segments[0], known)} "
+                      f"(have: {', '.join(known) or 'none'}; an index such as {so_far}.0 works too)")
+
+
+def _apply_override(data: dict[str, Any], override: str) -> Loc:
+    """Apply one ``key.path=value`` to ``data`` in place; return the location it set."""
+    key, equals, raw = override.partition("=")
+    key = key.strip()
+    if not equals or not key:
+        raise ConfigError(f"--set {override}: expected key.path=value, e.g. --set train.rounds=3")
+    segments = key.split(".")
+    if any(not s.strip() for s in segments):
+        raise ConfigError(f"--set {override}: empty part in the key path '{key}'")
+    value = parse_yaml_value(raw.strip(), f"--set {override}")
+    node: Any = data
+    schema: Any = ExperimentConfig
+    loc: list[Union[str, int]] = []
+    position = 0
+    while True:
+        segment, current = segments[position].strip(), unwrap(schema)
+        if is_model(current):
+            if segment not in current.model_fields:
+                fields, where = list(current.model_fields), dotted(tuple(loc)) or "the top level"
+                raise ConfigError(f"--set {override}: unknown key '{segment}' in {where}{suggest(segment, fields)} "
+                                  f"(allowed: {', '.join(fields)})")
+            schema = current.model_fields[segment].annotation
+            loc.append(segment)
+            position += 1
+            if position == len(segments):
+                node[segment] = value
+                return tuple(loc)
+            inner = unwrap(schema)
+            if get_origin(inner) is list:
+                wanted: type = list
+            elif is_model(inner) or get_origin(inner) is dict or inner is Any:
+                wanted = dict
+            else:
+                raise ConfigError(f"--set {override}: {dotted(tuple(loc))} is a single value; it has no key "
+                                  f"'{segments[position]}'")
+            child = node.get(segment)
+            if child is None and wanted is dict:
+                child = node[segment] = {}
+            if not isinstance(child, wanted):
+                what = "a list" if wanted is list else "a section with keys"
+                raise ConfigError(f"--set {override}: {dotted(tuple(loc))} is {show(child)} in the config, not {what}")
+            node = child
+        elif get_origin(current) is list:
+            index, used = _list_item(node, segments[position:], dotted(tuple(loc)))
+            loc.append(index)
+            schema, position = get_args(current)[0], position + used
+            if position == len(segments):
+                node[index] = value
+                return tuple(loc)
+            if not isinstance(node[index], dict):
+                raise ConfigError(f"--set {override}: {dotted(tuple(loc))} is {show(node[index])} in the config, "
+                                  "not a section with keys")
+            node = node[index]
+        else:  # free-form mapping (options): create sections as needed
+            for inner_key in segments[position:-1]:
+                node = node.setdefault(inner_key.strip(), {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"--set {override}: '{inner_key}' is {show(node)} in the config, not a section")
+                loc.append(inner_key.strip())
+            node[segments[-1].strip()] = value
+            return (*loc, segments[-1].strip())
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``key.path=value`` (value read as YAML; list items by index or strategy name) to ``data``."""
+    _apply_override(data, override)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Read a YAML experiment, apply ``--set`` overrides in order, validate; ConfigError on any mistake."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        siblings = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, siblings, n=1)
+        hint = f"; did you mean {path.parent / close[0]}?" if close else ""
+        raise ConfigError(f"config file not found: {path}{hint}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give the YAML config file inside it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    data, lines = load_yaml(text, str(path))
+    if data is None:
+        raise ConfigError(f"{path}: the config file is empty; start from {default_config_path()}")
+    if not isinstance(data, dict):
+        parse_config(data, source=str(path))  # raises with the wording for a non-mapping
+    data = copy.deepcopy(data)
+    for override in overrides:
+        loc = _apply_override(data, override)
+        lines = {k: v for k, v in lines.items() if k[: len(loc)] != loc}
+        lines[loc] = f"--set {override.strip()}"
+    return parse_config(data, source=str(path), lines=lines, base_dir=path.parent)

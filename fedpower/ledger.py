@@ -1,0 +1,66 @@
+"""Bandwidth ledger: bytes per round, per client and per direction, and their dense-fp32 equivalent.
+
+Every entry is measured by the caller (payload ``nbytes`` and the serialized size of what the
+transport actually sends); totals and ratios are always derived from the entries, never kept twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Literal
+
+Direction = Literal["up", "down"]
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One message's bytes in one direction."""
+
+    round: int  # server round (1-based)
+    client: int  # partition id of the client
+    direction: Direction  # "up" (client → server) or "down" (server → client)
+    payload_bytes: int  # Σ nbytes of the arrays carrying model/update content
+    wire_bytes: int  # serialized size of the whole message content (protocol overhead included)
+    dense_bytes: int  # what the same content costs as dense fp32 arrays
+
+
+@dataclass
+class Ledger:
+    """All transfers of one strategy's run."""
+
+    transfers: list[Transfer] = field(default_factory=list)
+
+    def record(self, transfer: Transfer) -> None:
+        """Add one measured transfer."""
+        for name in ("payload_bytes", "wire_bytes", "dense_bytes"):
+            if getattr(transfer, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(transfer, name)}")
+        self.transfers.append(transfer)
+
+    def select(self, direction: Direction | None = None, round: int | None = None) -> Iterable[Transfer]:
+        """Transfers filtered by direction and/or round."""
+        for t in self.transfers:
+            if (direction is None or t.direction == direction) and (round is None or t.round == round):
+                yield t
+
+    def total(self, direction: Direction, kind: str = "wire_bytes", round: int | None = None) -> int:
+        """Sum of ``kind`` (payload_bytes | wire_bytes | dense_bytes) over the selected transfers."""
+        return sum(getattr(t, kind) for t in self.select(direction, round))
+
+    def ratio_vs_dense(self, direction: Direction, round: int | None = None) -> float:
+        """Dense-fp32 bytes divided by the wire bytes actually sent (≥ 1 means a saving)."""
+        sent = self.total(direction, "wire_bytes", round)
+        return self.total(direction, "dense_bytes", round) / sent if sent else float("nan")
+
+    def rounds(self) -> list[int]:
+        """Rounds that have at least one transfer, in order."""
+        return sorted({t.round for t in self.transfers})
+
+    def to_rows(self) -> list[dict]:
+        """Plain dict rows (for CSV/JSON)."""
+        return [asdict(t) for t in self.transfers]
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[dict]) -> "Ledger":
+        """Rebuild a ledger from ``to_rows`` output."""
+        return cls([Transfer(**row) for row in rows])

@@ -1,0 +1,193 @@
+"""Outputs of a run: results.json, metrics.csv, ledger.csv, plots and the comparison table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.table import Table
+
+from fedpower.results import RunResults
+
+ROUND_COLUMNS = ["strategy", "round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes",
+                 "cumulative_uplink_bytes", "cumulative_downlink_bytes", "epsilon", "seconds", "clients", "accepted",
+                 "rejected", "failures"]
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and machine facts that make a result reproducible."""
+    info: dict[str, Any] = {"python": sys.version.split()[0], "platform": platform.platform(),
+                            "machine": platform.machine(), "cpus": os.cpu_count()}
+    for module in ("torch", "flwr", "numpy"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001 - a missing optional module is just not reported
+            info[module] = None
+    return info
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/Inf are not JSON: they become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file and rename, so a crash never leaves a half-written file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_results(results: RunResults, out_dir: Path) -> Path:
+    """results.json (DESIGN.md §5 schema)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    _atomic_write(path, json.dumps(_json_safe(results.to_dict()), indent=2))
+    return path
+
+
+def metric_rows(results: RunResults) -> Iterable[dict[str, Any]]:
+    """Tidy rows: one per strategy and round, with cumulative bytes."""
+    for strategy in results.strategies.values():
+        up = down = 0
+        for row in strategy.rounds:
+            up += row["uplink_bytes"]
+            down += row["downlink_bytes"]
+            yield {"strategy": strategy.name, **row, "cumulative_uplink_bytes": up, "cumulative_downlink_bytes": down}
+
+
+def write_csv(results: RunResults, out_dir: Path) -> list[Path]:
+    """metrics.csv (tidy, one row per strategy × round) and ledger.csv (one row per message)."""
+    metrics_path = out_dir / "metrics.csv"
+    with metrics_path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=ROUND_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in metric_rows(results):
+            writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
+    ledger_path = out_dir / "ledger.csv"
+    with ledger_path.open("w", newline="") as fh:
+        fields = ["strategy", "round", "client", "direction", "payload_bytes", "wire_bytes", "dense_bytes"]
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for strategy in results.strategies.values():
+            for row in strategy.ledger.to_rows():
+                writer.writerow({"strategy": strategy.name, **row})
+    return [metrics_path, ledger_path]
+
+
+def write_plots(results: RunResults, out_dir: Path) -> list[Path]:
+    """accuracy_vs_round.png, accuracy_vs_uplink.png (log x) and bytes_per_round.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(metric_rows(results))
+    names = list(results.strategies)
+    paths = []
+
+    def series(name: str, key: str) -> list[Any]:
+        return [r[key] for r in rows if r["strategy"] == name]
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        ax.plot(series(name, "round"), [100 * (a if a is not None else math.nan) for a in series(name, "accuracy")],
+                label=name)
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{results.experiment}: accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "accuracy_vs_round.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        ax.plot(series(name, "cumulative_uplink_bytes"),
+                [100 * (a if a is not None else math.nan) for a in series(name, "accuracy")], label=name, marker=".")
+    ax.set_xscale("log")
+    ax.set(xlabel="cumulative uplink bytes (wire, log scale)", ylabel="test accuracy (%)",
+           title="accuracy vs uplink bytes")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "accuracy_vs_uplink.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, name in enumerate(names):
+        color = f"C{i}"
+        ax.plot(series(name, "round"), series(name, "uplink_bytes"), color=color, label=f"{name} up")
+        ax.plot(series(name, "round"), series(name, "downlink_bytes"), color=color, linestyle="--",
+                label=f"{name} down")
+    ax.set_yscale("log")
+    ax.set(xlabel="round", ylabel="bytes per round (wire)", title="bytes per round, up (solid) / down (dashed)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    paths.append(_save(fig, out_dir / "bytes_per_round.png"))
+    return paths
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save and close a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def human_bytes(n: float | None) -> str:
+    """1234567 → '1.23 MB'."""
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def _pct(value: float | None) -> str:
+    """0.8123 → '81.23'."""
+    return "-" if value is None or not math.isfinite(value) else f"{100 * value:.2f}"
+
+
+def comparison_table(results: RunResults) -> Table:
+    """The final rich table: one row per strategy."""
+    table = Table(title=f"{results.experiment}: comparison", header_style="bold")
+    for col in ("strategy", "final acc %", "best acc %", "uplink", "downlink", "up saving", "down saving", "ε",
+                "rejected", "wall s"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for strategy in results.strategies.values():
+        final = strategy.final()
+        ratio_up, ratio_down = final["uplink_ratio_vs_dense"], final["downlink_ratio_vs_dense"]
+        name = strategy.name + ("" if strategy.completed else " (stopped)")
+        table.add_row(
+            name, _pct(final["accuracy"]), _pct(final["best_accuracy"]), human_bytes(final["uplink_bytes_total"]),
+            human_bytes(final["downlink_bytes_total"]),
+            f"{ratio_up:.1f}×" if ratio_up else "-", f"{ratio_down:.2f}×" if ratio_down else "-",
+            "-" if final["epsilon"] is None else f"{final['epsilon']:.2f}",
+            str(final["rejected_payloads"] + final["client_failures"]), f"{final['wall_seconds']:.1f}")
+    return table
+
+
+def markdown_table(results: RunResults) -> str:
+    """The comparison as a Markdown table (for README/BENCHMARKS)."""
+    lines = ["| strategy | final acc % | best acc % | uplink (wire) | uplink reduction | downlink (wire) | wall s |",
+             "|---|---|---|---|---|---|---|"]
+    for strategy in results.strategies.values():
+        f = strategy.final()
+        ratio = f["uplink_ratio_vs_dense"]
+        lines.append(f"| {strategy.name} | {_pct(f['accuracy'])} | {_pct(f['best_accuracy'])} | "
+                     f"{human_bytes(f['uplink_bytes_total'])} | {f'{ratio:.1f}×' if ratio else '-'} | "
+                     f"{human_bytes(f['downlink_bytes_total'])} | {f['wall_seconds']:.1f} |")
+    return "\n".join(lines)

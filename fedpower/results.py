@@ -1,0 +1,82 @@
+"""Results of a comparison run in the results.json contract (DESIGN.md §5), built as rounds finish."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from fedpower.ledger import Ledger
+
+
+class RunObserver(Protocol):
+    """Receives progress from the server as the run goes (the CLI's live display implements this)."""
+
+    def strategy_started(self, name: str, rounds: int) -> None:
+        """A strategy begins."""
+
+    def round_finished(self, name: str, row: dict[str, Any]) -> None:
+        """One round of a strategy finished (``row`` is a results.json round entry + extras)."""
+
+    def strategy_finished(self, name: str, final: dict[str, Any]) -> None:
+        """A strategy ended (normally or stopped)."""
+
+
+@dataclass
+class StrategyResult:
+    """One strategy's rounds, ledger and summary."""
+
+    name: str
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    ledger: Ledger = field(default_factory=Ledger)
+    wall_seconds: float = 0.0
+    completed: bool = False
+    initial_accuracy: float | None = None
+    client_metrics: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # round → per-client metrics
+
+    def final(self) -> dict[str, Any]:
+        """The ``final`` block of results.json, derived from the rounds and the ledger."""
+        last = self.rounds[-1] if self.rounds else {}
+        return {
+            "accuracy": last.get("accuracy", float("nan")),
+            "best_accuracy": max((r["accuracy"] for r in self.rounds), default=float("nan")),
+            "uplink_bytes_total": self.ledger.total("up"),
+            "downlink_bytes_total": self.ledger.total("down"),
+            "uplink_payload_bytes_total": self.ledger.total("up", "payload_bytes"),
+            "downlink_payload_bytes_total": self.ledger.total("down", "payload_bytes"),
+            "uplink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("up")),
+            "downlink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("down")),
+            "epsilon": last.get("epsilon"),
+            "wall_seconds": self.wall_seconds,
+            "rounds_completed": len(self.rounds),
+            "rejected_payloads": sum(r.get("rejected", 0) for r in self.rounds),
+            "client_failures": sum(r.get("failures", 0) for r in self.rounds),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """results.json entry for this strategy."""
+        return {"name": self.name, "rounds": self.rounds, "final": self.final(), "completed": self.completed}
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN: undefined ratios become null."""
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class RunResults:
+    """All strategies of one run; an observer that records everything it is told."""
+
+    experiment: str
+    config: dict[str, Any]
+    strategies: dict[str, StrategyResult] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+
+    def strategy(self, name: str) -> StrategyResult:
+        """The (possibly new) result entry of a strategy."""
+        return self.strategies.setdefault(name, StrategyResult(name))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The results.json document."""
+        return {"experiment": self.experiment, "config": self.config,
+                "strategies": [s.to_dict() for s in self.strategies.values()], "environment": self.environment}

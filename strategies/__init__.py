@@ -1,0 +1,1 @@
+"""Flower ServerApp side of fedpower: compression-aware strategies, the ServerApp, the simulation adapter."""

@@ -1,0 +1,210 @@
+"""One Flower strategy for every compression method: FedAvg's sampling loop, our codecs and ledger.
+
+Subclasses Flower's ``FedAvg`` and overrides only ``configure_train``/``aggregate_train`` (and the
+evaluate pair): Flower's own aggregation multiplies arrays by float weights, which would average
+int8 factors as floats, so decoding and aggregation go through ``fedpower.codecs``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedpower.codecs import PayloadError, build_codec, init_basis, is_shared, layout_of, next_basis, pack, unpack
+from fedpower.codecs.base import ArraySpec, Codec, weighted_sum
+from fedpower.ledger import Ledger, Transfer
+from fedpower.server_opt import ServerOptimizer
+from strategies.wire import array_bytes, wire_bytes
+
+log = logging.getLogger("fedpower.strategy")
+
+
+@dataclass
+class RoundStats:
+    """What one training round did (rejections and failures included)."""
+
+    round: int
+    sampled: int = 0
+    accepted: int = 0
+    failures: int = 0
+    rejected: int = 0
+    reasons: list[str] = field(default_factory=list)
+    train_loss: float = float("nan")
+    client_metrics: list[dict[str, float]] = field(default_factory=list)  # per accepted reply
+
+
+class CompressedFedAvg(FedAvg):
+    """FedAvg whose clients send codec payloads; aggregation, server optimizer and ledger are ours."""
+
+    def __init__(
+        self, *, name: str, compression: Mapping[str, Any], params: Mapping[str, torch.Tensor],
+        sampler: Callable[[int], list[int]], server_optimizer: ServerOptimizer, seed: int = 0,
+        node_partitions: Mapping[int, int] | None = None, federated_evaluation: bool = False,
+        min_valid_clients: int = 1, on_round: Callable[[RoundStats], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if federated_evaluation else 0.0,
+                         min_available_nodes=1, min_train_nodes=1)
+        self.name = name
+        self.compression = dict(compression)
+        self.params = {k: v.detach().clone().float() for k, v in params.items()}
+        self.inputs = layout_of(self.params)
+        self.dense_bytes = sum(spec.nbytes for spec in self.inputs.values())
+        self.sampler = sampler
+        self.server_optimizer = server_optimizer
+        self.node_partitions = dict(node_partitions or {})
+        self.federated_evaluation = federated_evaluation
+        self.min_valid_clients = min_valid_clients
+        self.on_round = on_round
+        self.should_stop = should_stop or (lambda: False)
+        self.ledger = Ledger()
+        self.stats: dict[int, RoundStats] = {}
+        self.shared = is_shared(self.compression)
+        self.side = "left"
+        self.basis = (init_basis(self.inputs, self.compression.get("rank", 4),
+                                 self.compression.get("min_compression_rate", 2.0), seed) if self.shared else None)
+        self._round_codec: Codec | None = None
+        self._round_started: dict[int, float] = {}
+
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log.info("strategy %s: compression=%s", self.name, self.compression)
+
+    # -- round plumbing -------------------------------------------------------------------------
+    def is_dense_round(self, server_round: int) -> bool:
+        """Warm-up rounds send dense updates (epfml's start_compressing_after_num_steps)."""
+        return server_round <= int(self.compression.get("start_after_rounds", 0) or 0)
+
+    def round_codec(self, server_round: int) -> Codec:
+        """The codec both ends use this round."""
+        dense = self.is_dense_round(server_round)
+        return build_codec(self.compression, dense=dense, basis=self.basis, side=self.side)  # type: ignore[arg-type]
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
+        """One message per sampled node: global model, instructions and (shared mode) the basis."""
+        if self.should_stop():
+            return []
+        self._round_started[server_round] = time.perf_counter()
+        dense = self.is_dense_round(server_round)
+        self._round_codec = self.round_codec(server_round)
+        round_config = ConfigRecord({"strategy": self.name, "server-round": server_round, "dense": dense,
+                                     "side": self.side})
+        content = {"arrays": arrays, "config": round_config}
+        if self.shared and not dense:
+            assert self.basis is not None
+            packed = pack(self.basis, layout_of(self.basis))
+            content["basis"] = ArrayRecord({"float32": Array(packed["float32"])})
+        record = RecordDict(content)
+        down_wire = wire_bytes(record)
+        down_payload = array_bytes(arrays) + (array_bytes(content["basis"]) if "basis" in content else 0)
+        nodes = self.sampler(server_round)
+        self.stats[server_round] = RoundStats(round=server_round, sampled=len(nodes))
+        for node in nodes:
+            self.ledger.record(Transfer(server_round, self.node_partitions.get(node, -1), "down", down_payload,
+                                        down_wire, self.dense_bytes))
+        return [Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+
+    def _decode_reply(self, msg: Message, codec: Codec) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
+        """(this client's contribution in the codec's linear space, its weight, its loss); raises PayloadError."""
+        content = msg.content
+        if "payload" not in content or "metrics" not in content:
+            raise PayloadError("reply lacks the 'payload' or 'metrics' record")
+        metrics = content["metrics"]
+        examples = float(metrics.get("num-examples", -1))
+        if not np.isfinite(examples) or examples <= 0:
+            raise PayloadError(f"num-examples must be a positive number, got {examples}")
+        packed = {dtype: arr.numpy() for dtype, arr in content["payload"].items()}
+        encoded = unpack(packed, codec.layout(self.inputs))
+        contribution = codec.reduce([encoded], [1.0], self.inputs)
+        for name, t in contribution.items():
+            if not bool(torch.isfinite(t).all()):
+                raise PayloadError(f"{name}: decodes to non-finite values")
+        return contribution, examples, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message],
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate and decode every reply, aggregate by examples, apply the server optimizer."""
+        stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        codec = self._round_codec or self.round_codec(server_round)
+        contributions, weights, losses = [], [], []
+        for msg in replies:
+            if msg.has_error():
+                stats.failures += 1
+                stats.reasons.append(f"client error: {msg.error.reason[:200]}")
+                continue
+            partition = self.node_partitions.get(msg.metadata.src_node_id, -1)
+            payload = array_bytes(msg.content["payload"]) if "payload" in msg.content else 0
+            self.ledger.record(Transfer(server_round, partition, "up", payload, wire_bytes(msg.content),
+                                        self.dense_bytes))
+            try:
+                contribution, examples, client_metrics = self._decode_reply(msg, codec)
+            except PayloadError as err:
+                stats.rejected += 1
+                stats.reasons.append(f"partition {partition}: {err}")
+                log.warning("round %d: rejected payload from partition %d: %s", server_round, partition, err)
+                continue
+            contributions.append(contribution)
+            weights.append(examples)
+            losses.append(client_metrics.get("train_loss", float("nan")))
+            stats.client_metrics.append(client_metrics)
+        stats.accepted = len(contributions)
+        if stats.accepted < self.min_valid_clients:
+            log.warning("round %d: %d valid contributions < %d; keeping the old model", server_round,
+                        stats.accepted, self.min_valid_clients)
+            self._finish_round(server_round, stats)
+            return None, None
+        total = sum(weights)
+        reduced = weighted_sum(contributions, [w / total for w in weights])
+        update = codec.expand(reduced, self.inputs)
+        self.params = self.server_optimizer.step(self.params, update)
+        if self.shared and not self.is_dense_round(server_round):
+            self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
+            self.side = "right" if self.side == "left" else "left"
+        stats.train_loss = float(np.average(losses, weights=weights))
+        self._finish_round(server_round, stats)
+        arrays = ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in self.params.items()})
+        return arrays, MetricRecord({"train_loss": stats.train_loss, "accepted": stats.accepted})
+
+    def _finish_round(self, server_round: int, stats: RoundStats) -> None:
+        """Notify the observer that a round's training part ended."""
+        if self.on_round is not None:
+            self.on_round(stats)
+
+    def round_seconds(self, server_round: int) -> float:
+        """Wall seconds since the round was configured."""
+        started = self._round_started.get(server_round)
+        return time.perf_counter() - started if started is not None else float("nan")
+
+    # -- federated evaluation (optional) --------------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+    ) -> Iterable[Message]:
+        """Federated evaluation on the sampled clients' own data, when enabled."""
+        if not self.federated_evaluation or self.should_stop():
+            return []
+        record = RecordDict({"arrays": arrays, "config": ConfigRecord({"strategy": self.name,
+                                                                          "server-round": server_round})})
+        return [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE)
+                for node in self.sampler(server_round)]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Example-weighted mean of the clients' evaluation metrics."""
+        rows = [m.content["metrics"] for m in replies if not m.has_error() and "metrics" in m.content]
+        if not rows:
+            return None
+        weights = [float(r["num-examples"]) for r in rows]
+        return MetricRecord({
+            "eval_loss": float(np.average([r["eval_loss"] for r in rows], weights=weights)),
+            "eval_accuracy": float(np.average([r["eval_accuracy"] for r in rows], weights=weights)),
+        })

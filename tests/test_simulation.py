@@ -1,0 +1,136 @@
+"""End to end through Flower's real simulation engine (one Ray start-up for all checks)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROUNDS = 8
+
+
+def _experiment() -> dict[str, Any]:
+    train = {"rounds": ROUNDS, "clients_per_round": 5, "local_epochs": 2, "batch_size": 32, "optimizer": "sgd",
+             "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0, "device": "cpu", "evaluate_every": 1,
+             "federated_evaluation": False, "fraction": None,
+             "server_optimizer": {"name": "momentum", "lr": 1.0, "momentum": 0.9}}
+    return {
+        "experiment": "sim-test", "seed": 0,
+        "data": {"dataset": "mnist1d", "path": None, "num_clients": 20,
+                 "partition": {"kind": "dirichlet", "alpha": 1.0}, "test_fraction": 0.2, "label_column": "label",
+                 "options": {}},
+        "model": {"name": "mlp", "options": {"hidden": [128, 128]}},
+        "train": train,
+        "simulation": {"num_cpus_per_client": 1.0, "num_gpus_per_client": 0.0, "ray_address": None,
+                       "max_concurrent_clients": None},
+        "strategies": [
+            {"name": "fedavg", "compression": {"method": "none"}},
+            {"name": "psgd-ind", "compression": {"method": "powersgd", "mode": "independent", "rank": 2,
+                                                 "power_iterations": 2, "quantize_bits": 8, "error_feedback": True}},
+            {"name": "psgd-shared", "compression": {"method": "powersgd", "mode": "shared", "rank": 2,
+                                                    "quantize_bits": 8, "error_feedback": True}},
+            {"name": "broken", "compression": {"method": "topk", "ratio": 0.05}, "train": {"rounds": 2}},
+        ],
+    }
+
+
+def _corrupting_client_app(experiment: dict[str, Any]):
+    """Our ClientApp, except that odd partitions send a NaN payload in strategy 'broken'."""
+    from flwr.app import Array, ArrayRecord, Context, Message
+    from flwr.clientapp import ClientApp
+
+    from clients.app import handle_query, handle_train, partition_id
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        reply = handle_train(msg, context, experiment)
+        if msg.content["config"]["strategy"] == "broken" and partition_id(context) % 2 == 1:
+            buf = reply.content["payload"]["float32"].numpy().copy()
+            buf[0] = np.nan
+            reply.content["payload"] = ArrayRecord({**{k: v for k, v in reply.content["payload"].items()},
+                                                    "float32": Array(buf)})
+        return reply
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return handle_query(msg, context)
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def run() -> Any:
+    """One simulation running all four strategies."""
+    from fedpower.results import RunResults
+    from strategies.simulation import run_simulation_experiment
+
+    experiment = _experiment()
+    results = RunResults(experiment="sim-test", config=experiment)
+    run_simulation_experiment(experiment, results, client_app=_corrupting_client_app(experiment))
+    return results
+
+
+def test_every_strategy_learns_well_above_chance(run: Any) -> None:
+    """10 classes → chance is 10 %; a few rounds must beat it clearly and improve on the start."""
+    for name in ("fedavg", "psgd-ind", "psgd-shared"):
+        result = run.strategies[name]
+        assert result.completed and len(result.rounds) == ROUNDS
+        final = result.rounds[-1]["accuracy"]
+        assert final > 0.2, (name, final)  # chance is 0.1
+        assert final > result.initial_accuracy + 0.08, (name, result.initial_accuracy, final)
+
+
+def test_powersgd_uplink_is_a_tenth_of_fedavg(run: Any) -> None:
+    """Real wire bytes: PowerSGD uplink ≤ 1/10 of FedAvg's."""
+    fedavg = run.strategies["fedavg"].ledger.total("up")
+    for name in ("psgd-ind", "psgd-shared"):
+        assert run.strategies[name].ledger.total("up") * 10 <= fedavg, name
+
+
+def test_ledger_totals_are_sums_over_rounds(run: Any) -> None:
+    """results rows and ledger agree; totals are derived, never kept twice."""
+    for result in run.strategies.values():
+        final = result.final()
+        assert final["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in result.rounds)
+        assert final["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in result.rounds)
+
+
+def test_wire_bytes_are_payload_plus_bounded_overhead(run: Any) -> None:
+    """Each message's serialized size = its arrays' bytes + a small, bounded protocol overhead."""
+    for result in run.strategies.values():
+        for t in result.ledger.transfers:
+            assert t.payload_bytes < t.wire_bytes <= t.payload_bytes + 4096, t
+
+
+def test_residual_persists_across_skipped_rounds(run: Any) -> None:
+    """A client's residual going into round b equals what it stored in its previous round a < b−1."""
+    checked = 0
+    for name in ("psgd-ind", "psgd-shared"):
+        last_out: dict[int, tuple[int, float]] = {}
+        for rnd in sorted(run.strategies[name].client_metrics):
+            for m in run.strategies[name].client_metrics[rnd]:
+                pid = int(m["partition-id"])
+                if pid in last_out:
+                    prev_round, prev_norm = last_out[pid]
+                    assert m["state_norm_in"] == pytest.approx(prev_norm, rel=1e-6)
+                    if rnd - prev_round > 1:
+                        checked += 1
+                else:
+                    assert m["state_norm_in"] == 0.0
+                last_out[pid] = (rnd, m["state_norm_out"])
+    assert checked > 0, "no client was sampled in non-consecutive rounds"
+
+
+def test_malformed_payloads_are_dropped_and_round_goes_on(run: Any) -> None:
+    """NaN payloads are rejected and counted; the round aggregates the valid rest."""
+    broken = run.strategies["broken"]
+    assert broken.completed
+    assert sum(r["rejected"] for r in broken.rounds) > 0
+    assert all(r["accepted"] > 0 for r in broken.rounds)
+    assert all(r["accepted"] + r["rejected"] == r["clients"] for r in broken.rounds)
+
