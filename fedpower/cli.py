@@ -131,7 +131,8 @@ class StopFlag:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (0 ok, 1 failed run, 2 bad config/usage)."""
-    console = Console(stderr=False)
+    # Pipes and CI logs get a wide console so the comparison table is not squeezed to 80 columns.
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
     err_console = Console(stderr=True)
     parser = build_parser()
     try:
@@ -148,6 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[bold red]config error:[/] {err}", highlight=False, markup=True)
         return EXIT_USAGE
     experiment = config.to_dict()
+    with_privacy = [s["name"] for s in experiment["strategies"] if s.get("privacy")]
+    if with_privacy:
+        err_console.print(f"[bold red]config error:[/] strategies[{with_privacy[0]}].privacy: differential privacy "
+                          "is not available in this version yet; remove the 'privacy' block to run.")
+        return EXIT_USAGE
 
     if args.dry_run:
         console.print_json(json.dumps(experiment, default=str))

@@ -18,6 +18,12 @@ from fedpower.data import Dataset, load_dataset, partition
 from fedpower.models import build_model
 
 
+PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
+    "iid": (), "natural": (), "dirichlet": ("alpha",), "pathological": ("classes_per_client",),
+    "shard": ("shards_per_client",),
+}
+
+
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
     """``base`` with ``override`` merged in recursively (override wins)."""
     out = copy.deepcopy(dict(base))
@@ -60,7 +66,9 @@ def _load(data_key: str) -> tuple[Dataset, tuple[np.ndarray, ...], torch.Tensor,
                            label_column=data.get("label_column", "label"), **(data.get("options") or {}))
     part = dict(data.get("partition") or {"kind": "iid"})
     kind = part.pop("kind")
-    parts = partition(dataset, data["num_clients"], kind, seed=seed, **part)
+    # The schema carries every partitioner's parameter with a default; pass only this kind's own.
+    params = {key: part[key] for key in PARTITION_PARAMS.get(kind, ()) if part.get(key) is not None}
+    parts = partition(dataset, data["num_clients"], kind, seed=seed, **params)
     tensors = (torch.from_numpy(dataset.x_train), torch.from_numpy(dataset.y_train).long(),
                torch.from_numpy(dataset.x_test), torch.from_numpy(dataset.y_test).long())
     return (dataset, tuple(parts), *tensors)

@@ -51,8 +51,8 @@ class CompressedFedAvg(FedAvg):
         min_valid_clients: int = 1, on_round: Callable[[RoundStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
-        super().__init__(fraction_train=1.0, fraction_evaluate=1.0 if federated_evaluation else 0.0,
-                         min_available_nodes=1, min_train_nodes=1)
+        # Sampling and evaluation are driven by our own hooks; these only satisfy FedAvg's checks.
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1)
         self.name = name
         self.compression = dict(compression)
         self.params = {k: v.detach().clone().float() for k, v in params.items()}
@@ -138,6 +138,8 @@ class CompressedFedAvg(FedAvg):
         stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
         codec = self._round_codec or self.round_codec(server_round)
         contributions, weights, losses = [], [], []
+        # Replies arrive in completion order; sum in partition order so float results are reproducible.
+        replies = sorted(replies, key=lambda m: self.node_partitions.get(m.metadata.src_node_id, -1))
         for msg in replies:
             if msg.has_error():
                 stats.failures += 1

@@ -26,9 +26,12 @@ def prepare_flower_environment(flwr_home: str | None = None) -> None:
 
 
 def quiet_flower(verbose: bool) -> None:
-    """Hide Flower's per-round INFO chatter unless ``verbose`` (log files keep it via handlers)."""
-    level = logging.INFO if verbose else logging.WARNING
-    logging.getLogger("flwr").setLevel(level)
+    """Hide Flower's console chatter unless ``verbose``; the logger itself stays at INFO for log files."""
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO)
+    for handler in flwr_logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
     if not verbose:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
 

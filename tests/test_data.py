@@ -216,7 +216,8 @@ def _table(rows: int = 40):
     import pandas as pd
 
     rng = np.random.default_rng(2)
-    return pd.DataFrame({"a": rng.random(rows), "b": rng.integers(0, 9, rows), "species": rng.choice(["fir", "oak", "yew"], rows)})
+    species = rng.choice(["fir", "oak", "yew"], rows)
+    return pd.DataFrame({"a": rng.random(rows), "b": rng.integers(0, 9, rows), "species": species})
 
 
 @pytest.mark.parametrize("kind", ["parquet", "csv"])
@@ -250,6 +251,20 @@ def test_hf_on_a_local_parquet_file(tmp_path, monkeypatch) -> None:
         load_dataset("hf", path=str(tmp_path / "t.parquet"), label_column="species", splitt="x")
 
 
+def test_hf_local_folder_with_test_split(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FEDPOWER_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "splits"
+    folder.mkdir()
+    frame = _table()
+    frame.to_parquet(folder / "train.parquet")
+    test = frame[frame["species"] != "fir"].head(9).reset_index(drop=True)  # lacks one class
+    test.to_parquet(folder / "test.parquet")
+    data = load_dataset("hf", path=str(folder), label_column="species")
+    assert (data.num_train, data.num_test) == (40, 9) and data.info["test_split"] == "test"
+    oak_and_yew = np.isin(data.y_test, [1, 2])  # numbered like the train split: fir 0, oak 1, yew 2
+    assert oak_and_yew.all()
+
+
 def test_hf_image_column_becomes_channels_first(tmp_path, monkeypatch) -> None:
     datasets = pytest.importorskip("datasets")
     from PIL import Image
@@ -258,7 +273,8 @@ def test_hf_image_column_becomes_channels_first(tmp_path, monkeypatch) -> None:
     rng = np.random.default_rng(5)
     pixels = rng.integers(0, 256, (12, 6, 5, 3), dtype=np.uint8)
     features = datasets.Features({"img": datasets.Image(), "label": datasets.Value("int64")})
-    table = datasets.Dataset.from_dict({"img": [Image.fromarray(p) for p in pixels], "label": list(range(3)) * 4}, features=features)
+    columns = {"img": [Image.fromarray(p) for p in pixels], "label": list(range(3)) * 4}
+    table = datasets.Dataset.from_dict(columns, features=features)
     table.to_parquet(str(tmp_path / "images.parquet"))
     data = load_dataset("hf", path=str(tmp_path / "images.parquet"), test_fraction=0.25)
     _check_arrays(data)
@@ -282,6 +298,8 @@ def test_unknown_data_set_and_options() -> None:
         load_dataset("mnist1d", num_sample=10)
     with pytest.raises(DataError, match="test_fraction"):
         load_dataset("digits", test_fraction=1.5)
+    with pytest.raises(DataError, match="reads no file"):
+        load_dataset("digits", path="digits.npz")
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +313,13 @@ def _covers_exactly_once(parts: list[np.ndarray], size: int) -> bool:
 
 @pytest.mark.parametrize(
     "kind, params",
-    [("iid", {}), ("dirichlet", {"alpha": 0.5}), ("shard", {"shards_per_client": 2}), ("shard", {"shard_size": 35}), ("pathological", {"classes_per_client": 2})],
+    [
+        ("iid", {}),
+        ("dirichlet", {"alpha": 0.5}),
+        ("shard", {"shards_per_client": 2}),
+        ("shard", {"shard_size": 35}),
+        ("pathological", {"classes_per_client": 2}),
+    ],
 )
 def test_partitions_are_valid_deterministic_and_seeded(digits: Dataset, kind: str, params: dict) -> None:
     parts = partition(digits, 10, kind, seed=0, **params)
@@ -343,7 +367,13 @@ def test_dirichlet_small_alpha_is_more_skewed(digits: Dataset) -> None:
 
 
 def test_numpy_fallback_matches_flwr(synthetic: Dataset, monkeypatch) -> None:
-    cases = [("iid", 7, {}), ("dirichlet", 6, {"alpha": 0.3}), ("dirichlet", 6, {"alpha": 0.2, "self_balancing": True}), ("natural", 12, {}), ("natural", 4, {})]
+    cases = [
+        ("iid", 7, {}),
+        ("dirichlet", 6, {"alpha": 0.3}),
+        ("dirichlet", 6, {"alpha": 0.2, "self_balancing": True}),
+        ("natural", 12, {}),
+        ("natural", 4, {}),
+    ]
     expected = [partition(synthetic, n, kind, seed=2, **params) for kind, n, params in cases]
     monkeypatch.setattr(partition_module, "_flwr_partitioners", lambda: None)  # as on a bare edge install
     for (kind, n, params), flwr_parts in zip(cases, expected):

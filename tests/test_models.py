@@ -92,7 +92,9 @@ USER_MODULE = """
         def __init__(self, num_classes, input_shape, width=8):
             super().__init__()
             self.width = width
-            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, num_classes))
+            self.body = torch.nn.Sequential(
+                torch.nn.Flatten(), torch.nn.Linear(64, width), torch.nn.ReLU(), torch.nn.Linear(width, num_classes)
+            )
 
         def forward(self, x):
             return self.body(x)

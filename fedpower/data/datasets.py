@@ -47,6 +47,8 @@ def load_dataset(
     if loader is None:
         raise DataError(f"unknown data set {name!r}; valid names: {', '.join(DATASET_NAMES)}")
     check_test_fraction(test_fraction)
+    if path is not None and name in _BUILT_IN:  # most likely a mistaken data set name
+        raise DataError(f"data set {name!r} is built in and reads no file, but path={path!r} was given")
     common = {"path": path, "seed": int(seed), "test_fraction": float(test_fraction), "label_column": label_column}
     _check_options(name, loader, options)
     return loader(**common, **options)
@@ -130,6 +132,7 @@ def _mnist1d_arrays(args: dict[str, Any]) -> dict[str, np.ndarray]:
         try:
             with os.fdopen(fd, "wb") as handle:
                 np.savez(handle, **arrays)
+            os.chmod(tmp_name, 0o644)  # mkstemp makes it owner-only; a cache is meant to be shared
             os.replace(tmp_name, cache_file)
         except BaseException:
             os.unlink(tmp_name)
@@ -292,5 +295,6 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
     "hf": _load_file("hf"),
 }
 
+_BUILT_IN = ("mnist1d", "digits", "synthetic", "shakespeare")
 #: every value ``load_dataset`` accepts as ``name``
 DATASET_NAMES: tuple[str, ...] = tuple(_LOADERS)

@@ -9,9 +9,11 @@ Contract (DESIGN §4):
 - ``.parquet`` / ``.csv``: one row per example, a label column (``label_column``), every other
   column a numeric feature. Integer labels are kept as is; text labels are numbered in sorted
   order (the names are kept in ``Dataset.info["class_names"]``).
-- ``hf``: ``path`` is a local ``.parquet`` / ``.csv`` / ``.json`` file (offline) or a Hugging Face
+- ``hf``: ``path`` is a local ``.parquet`` / ``.csv`` / ``.json`` file or a local folder of such
+  files named by split (``train.parquet``, ``test.parquet``), both offline, or a Hugging Face
   Hub id (needs network), loaded with ``flwr_datasets.FederatedDataset``. Its ``test_split``
-  (default "test") is used when present, otherwise ``test_fraction`` is held out.
+  (default "test") is used when present, otherwise ``test_fraction`` is held out. A single
+  image/vector column is the example (images as in the npz contract), else numeric columns.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ def _load_table(file: Path, kind: str, *, seed: int, test_fraction: float, label
     try:
         import pandas as pd
     except ImportError:
-        raise DataError(f"reading {kind} files needs pandas{' and pyarrow' if kind == 'parquet' else ''}: {SIM_EXTRA_HINT}") from None
+        needs = "pandas and pyarrow" if kind == "parquet" else "pandas"
+        raise DataError(f"reading {kind} files needs {needs}: {SIM_EXTRA_HINT}") from None
     try:
         frame = pd.read_parquet(file) if kind == "parquet" else pd.read_csv(file)
     except ImportError as error:  # pandas without a parquet engine
@@ -109,11 +112,13 @@ def _load_table(file: Path, kind: str, *, seed: int, test_fraction: float, label
     return assemble(kind, x, y, seed=seed, test_fraction=test_fraction, info=info)
 
 
-def _table_to_arrays(columns: dict[str, Any], label_column: str, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _table_to_arrays(
+    columns: dict[str, Any], label_column: str, source: str, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Split named columns into a float feature matrix and integer labels."""
     if label_column not in columns:
         raise DataError(f"{source!r} has no label column {label_column!r}; columns: {', '.join(map(str, columns))}")
-    labels, info = _encode_labels(np.asarray(columns[label_column]), label_column, source)
+    labels, info = _encode_labels(np.asarray(columns[label_column]), label_column, source, class_names)
     features = {name: np.asarray(values) for name, values in columns.items() if name != label_column}
     if not features:
         raise DataError(f"{source!r} has no feature columns besides the label column {label_column!r}")
@@ -128,8 +133,13 @@ def _table_to_arrays(columns: dict[str, Any], label_column: str, source: str) ->
     return x, labels, info
 
 
-def _encode_labels(values: np.ndarray, label_column: str, source: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Integer labels pass through; text labels become ids in sorted order of their names."""
+def _encode_labels(
+    values: np.ndarray, label_column: str, source: str, class_names: list[str] | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Integer labels pass through; text labels become ids in sorted order of their names.
+
+    ``class_names`` (from the train split) fixes the numbering of a test split's text labels.
+    """
     if values.dtype.kind in "iub" or values.dtype.kind == "f":
         if values.dtype.kind == "f" and not np.all(np.isfinite(values)):
             raise DataError(f"{source!r}: label column {label_column!r} has missing values")
@@ -137,8 +147,12 @@ def _encode_labels(values: np.ndarray, label_column: str, source: str) -> tuple[
     as_text = np.array([None if v is None or v != v else str(v) for v in values.tolist()], dtype=object)
     if any(v is None for v in as_text):
         raise DataError(f"{source!r}: label column {label_column!r} has missing values")
-    class_names = sorted(set(as_text.tolist()))
+    if class_names is None:
+        class_names = sorted(set(as_text.tolist()))
     lookup = {name: index for index, name in enumerate(class_names)}
+    unseen = sorted(set(as_text.tolist()) - set(lookup))
+    if unseen:
+        raise DataError(f"{source!r}: labels {', '.join(unseen)} of the test split never occur in the train split")
     return np.array([lookup[v] for v in as_text], dtype=np.int64), {"class_names": class_names}
 
 
@@ -169,7 +183,10 @@ def _load_hf(
     builder = _HF_LOCAL_BUILDERS.get(local.suffix.lower())
     looks_local = builder is not None or local.is_absolute() or path.startswith((".", "~"))
     kwargs: dict[str, Any] = {}
-    if looks_local:
+    if local.is_dir():  # a local folder of data files; datasets finds splits by file name
+        name = str(local)
+        kwargs["cache_dir"] = str(cache_dir() / "huggingface")
+    elif looks_local:
         if not local.is_file():
             raise DataError(f"data file not found: {str(local)!r} (data set 'hf')")
         if builder is None:
@@ -180,19 +197,19 @@ def _load_hf(
         kwargs["cache_dir"] = str(cache_dir() / "huggingface")
     else:
         name = path  # a Hub id such as "ylecun/mnist": only works online
-    # Our partition() splits the data, so FederatedDataset only loads it: one trivial partition,
-    # no shuffling (the train/test split below is seeded by fedpower's seed).
-    federated = FederatedDataset(dataset=name, subset=subset, partitioners={train_split: 1}, shuffle=False, **kwargs)
     progress_was_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" bars would clutter experiment output
     try:
+        # Our partition() splits the data, so FederatedDataset only loads it: one trivial
+        # partition, no shuffling (the train/test split below is seeded by fedpower's seed).
+        federated = FederatedDataset(
+            dataset=name, subset=subset, partitioners={train_split: 1}, shuffle=False, **kwargs
+        )
         train = federated.load_split(train_split)
         try:
             test = federated.load_split(test_split)
         except ValueError:  # flwr_datasets raises ValueError for a split the data set lacks
             test = None
-    except DataError:
-        raise
     except Exception as error:  # network, parsing and builder errors come in many types
         raise DataError(f"could not load Hugging Face data set {path!r}: {error}") from error
     finally:
@@ -201,15 +218,15 @@ def _load_hf(
 
     x, y, info = _hf_to_arrays(train, label_column, path)
     x_test = y_test = None
-    if test is not None:
-        x_test, y_test, test_info = _hf_to_arrays(test, label_column, path)
-        if test_info.get("class_names", info.get("class_names")) != info.get("class_names"):
-            raise DataError(f"{path!r}: the test split has other text labels than the train split")
+    if test is not None:  # text labels of the test split are numbered like the train split's
+        x_test, y_test, _ = _hf_to_arrays(test, label_column, path, info.get("class_names"))
     info.update(source=path, train_split=train_split, test_split=test_split if test is not None else None)
     return assemble("hf", x, y, x_test, y_test, seed=seed, test_fraction=test_fraction, info=info)
 
 
-def _hf_to_arrays(split: Any, label_column: str, source: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def _hf_to_arrays(
+    split: Any, label_column: str, source: str, class_names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Numpy arrays of one ``datasets.Dataset`` split: an image/vector column, or numeric columns."""
     if label_column not in split.column_names:
         raise DataError(f"{source!r} has no label column {label_column!r}; columns: {', '.join(split.column_names)}")
@@ -217,6 +234,6 @@ def _hf_to_arrays(split: Any, label_column: str, source: str) -> tuple[np.ndarra
     others = [name for name in split.column_names if name != label_column]
     if len(others) == 1 and np.asarray(columns[others[0]]).ndim >= 2:
         # A single image or vector column (e.g. "image" of MNIST): it is the example itself.
-        labels, info = _encode_labels(np.asarray(columns[label_column]), label_column, source)
+        labels, info = _encode_labels(np.asarray(columns[label_column]), label_column, source, class_names)
         return np.asarray(columns[others[0]]), labels, info
-    return _table_to_arrays({name: columns[name] for name in split.column_names}, label_column, source)
+    return _table_to_arrays({name: columns[name] for name in split.column_names}, label_column, source, class_names)

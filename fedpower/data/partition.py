@@ -139,7 +139,9 @@ def _dirichlet_settings(params: dict[str, Any]) -> tuple[float, int, bool]:
     return alpha, min_size, bool(params.get("self_balancing", False))
 
 
-def _partition_flwr(flwr: Any, dataset: Dataset, num_clients: int, kind: str, seed: int, params: dict[str, Any]) -> list[np.ndarray]:
+def _partition_flwr(
+    flwr: Any, dataset: Dataset, num_clients: int, kind: str, seed: int, params: dict[str, Any]
+) -> list[np.ndarray]:
     """Run the flwr_datasets partitioner for ``kind`` and read the partitions back as indices."""
     import datasets
 
@@ -181,7 +183,8 @@ def _partition_flwr(flwr: Any, dataset: Dataset, num_clients: int, kind: str, se
     natural_module = importlib.import_module("flwr_datasets.partitioner.natural_id_partitioner")
     try:
         # NaturalIdPartitioner wraps a per-example loop in an unconditional tqdm bar; silence it.
-        with mock.patch.object(natural_module, "tqdm", lambda iterable, **_: iterable), warnings.catch_warnings(record=True) as caught:
+        quiet_tqdm = mock.patch.object(natural_module, "tqdm", lambda iterable, **_: iterable)
+        with quiet_tqdm, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             parts = [partitioner.load_partition(client)["index"].to_numpy() for client in wanted]
     except (ValueError, TypeError) as error:  # flwr reports impossible configurations this way

@@ -168,7 +168,8 @@ def load_shakespeare(
         cut = int(round(len(text) * (1.0 - test_fraction)))
         ids = encode(text)
         head, tail = ids[:cut], ids[cut:]
-        splits.append((play, speaker, head, tail, _num_windows(len(head), seq_len, stride), _num_windows(len(tail), seq_len, stride)))
+        counts = _num_windows(len(head), seq_len, stride), _num_windows(len(tail), seq_len, stride)
+        splits.append((play, speaker, head, tail, *counts))
     total = sum(s[4] + s[5] for s in splits if s[4] > 0 and s[5] > 0)
     keep = 1.0 if max_examples is None or total <= max_examples else max_examples / total
 
