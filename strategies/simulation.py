@@ -73,3 +73,12 @@ def run_simulation_experiment(
         verbose_logging=verbose,
     )
     return results
+
+
+def simulate(config: Any, *, verbose: bool = False, observer: Any = None) -> RunResults:
+    """Run an experiment (an ``ExperimentConfig`` or its resolved dict) in simulation; returns its results."""
+    from fedpower.report import environment_info
+
+    experiment = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    return run_simulation_experiment(experiment, results, observer=observer, verbose=verbose)

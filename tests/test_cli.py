@@ -133,3 +133,12 @@ def test_privacy_is_refused_clearly(tiny: Path, tmp_path: Path) -> None:
                                  "noise_multiplier: 1.0}"))
     proc = run_cli(str(path), timeout=60)
     assert proc.returncode == 2 and "privacy" in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config: Path) -> None:
+    """Every YAML we ship validates (the documented examples must work)."""
+    from fedpower.config import load_config
+
+    cfg = load_config(config)
+    assert cfg.strategies
