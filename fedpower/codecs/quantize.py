@@ -51,23 +51,27 @@ _SCHEMES = ("stochastic", "log")
 class _BlockGrid:
     """How an array of a given shape is cut into scale blocks: ``groups`` rows of ``per_group`` values."""
 
-    groups: int  # columns of a 2-D array, else 1
-    per_group: int  # values per group (column length, or numel)
+    groups: int  # columns (or rows) of a 2-D array, else 1
+    per_group: int  # values per group (column/row length, or numel)
     blocks_per_group: int  # ceil(per_group / block_size)
     block: int  # values per block as laid out in memory (<= block_size; never more padding than data)
+    by_row: bool = False  # 2-D arrays wider than tall are cut along rows (the longer axis)
 
     @staticmethod
     def of(shape: tuple[int, ...], block_size: int) -> "_BlockGrid":
         """The block grid of an array of ``shape``."""
+        by_row = len(shape) == 2 and shape[1] > shape[0]
         if len(shape) == 2:
-            groups, per_group = shape[1], shape[0]
+            # Scales run along the longer axis: per-column for tall factors (n×r), per-row for wide
+            # matrices (e.g. a 10×256 output layer), so scales never cost as much as the data.
+            groups, per_group = (shape[0], shape[1]) if by_row else (shape[1], shape[0])
         else:
             groups, per_group = 1, math.prod(shape)
         blocks_per_group = -(-per_group // block_size)
         # A group shorter than block_size is one block of its own length: padding it to block_size
         # would blow up memory for wide, short matrices (one scale per column of few rows).
         block = min(block_size, per_group) if per_group else 1
-        return _BlockGrid(groups, per_group, blocks_per_group, block)
+        return _BlockGrid(groups, per_group, blocks_per_group, block, by_row)
 
     @property
     def n_blocks(self) -> int:
@@ -76,11 +80,15 @@ class _BlockGrid:
 
     def columns(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` as (groups, per_group) in block order."""
-        return x.t() if x.dim() == 2 else x.reshape(1, -1)
+        if x.dim() == 2:
+            return x if self.by_row else x.t()
+        return x.reshape(1, -1)
 
     def from_columns(self, cols: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Inverse of :meth:`columns`."""
-        return cols.t().contiguous() if len(shape) == 2 else cols.reshape(shape)
+        if len(shape) == 2:
+            return cols.contiguous() if self.by_row else cols.t().contiguous()
+        return cols.reshape(shape)
 
     def block_abs_max(self, cols: torch.Tensor) -> torch.Tensor:
         """max |x| per block, (groups, blocks_per_group); NaN/Inf propagate."""
