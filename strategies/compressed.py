@@ -67,6 +67,7 @@ class CompressedFedAvg(FedAvg):
         self.should_stop = should_stop or (lambda: False)
         self.ledger = Ledger()
         self.stats: dict[int, RoundStats] = {}
+        self.federated_metrics: dict[int, dict[str, float]] = {}  # round → client-side evaluation
         self.shared = is_shared(self.compression)
         self.side = "left"
         self.basis = (init_basis(self.inputs, self.compression.get("rank", 4),
@@ -206,7 +207,9 @@ class CompressedFedAvg(FedAvg):
         if not rows:
             return None
         weights = [float(r["num-examples"]) for r in rows]
-        return MetricRecord({
+        metrics = {
             "eval_loss": float(np.average([r["eval_loss"] for r in rows], weights=weights)),
             "eval_accuracy": float(np.average([r["eval_accuracy"] for r in rows], weights=weights)),
-        })
+        }
+        self.federated_metrics[server_round] = metrics
+        return MetricRecord(metrics)

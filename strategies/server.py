@@ -111,6 +111,8 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
                    "epsilon": None, "seconds": strategy.round_seconds(server_round),
                    "train_loss": stats.train_loss, "clients": stats.sampled, "accepted": stats.accepted,
                    "rejected": stats.rejected, "failures": stats.failures}
+            if server_round in strategy.federated_metrics:
+                row["federated_accuracy"] = strategy.federated_metrics[server_round]["eval_accuracy"]
             result.rounds.append(row)
             result.client_metrics[server_round] = stats.client_metrics
             if observer is not None:

@@ -33,6 +33,8 @@ def _experiment() -> dict[str, Any]:
             {"name": "psgd-shared", "compression": {"method": "powersgd", "mode": "shared", "rank": 2,
                                                     "quantize_bits": 8, "error_feedback": True}},
             {"name": "broken", "compression": {"method": "topk", "ratio": 0.05}, "train": {"rounds": 2}},
+            {"name": "warmup", "compression": {"method": "powersgd", "rank": 2, "start_after_rounds": 1},
+             "train": {"rounds": 2, "federated_evaluation": True}},
         ],
     }
 
@@ -42,7 +44,7 @@ def _corrupting_client_app(experiment: dict[str, Any]):
     from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from clients.app import handle_query, handle_train, partition_id
+    from clients.app import handle_evaluate, handle_query, handle_train, partition_id
 
     app = ClientApp()
 
@@ -59,6 +61,10 @@ def _corrupting_client_app(experiment: dict[str, Any]):
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
         return handle_query(msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return handle_evaluate(msg, context, experiment)
 
     return app
 
@@ -134,3 +140,18 @@ def test_malformed_payloads_are_dropped_and_round_goes_on(run: Any) -> None:
     assert all(r["accepted"] > 0 for r in broken.rounds)
     assert all(r["accepted"] + r["rejected"] == r["clients"] for r in broken.rounds)
 
+
+
+def test_start_after_rounds_sends_dense_first(run: Any) -> None:
+    """start_after_rounds: round 1 is dense fp32, round 2 compressed."""
+    rounds = run.strategies["warmup"].rounds
+    assert rounds[0]["uplink_bytes"] > 10 * rounds[1]["uplink_bytes"]
+    fedavg_round1 = run.strategies["fedavg"].rounds[0]["uplink_bytes"]
+    assert rounds[0]["uplink_bytes"] == fedavg_round1
+
+
+def test_federated_evaluation_reports_client_accuracy(run: Any) -> None:
+    """With federated_evaluation on, each round also carries the clients' own evaluation."""
+    for row in run.strategies["warmup"].rounds:
+        assert 0.0 <= row["federated_accuracy"] <= 1.0
+    assert "federated_accuracy" not in run.strategies["fedavg"].rounds[0]
