@@ -164,3 +164,13 @@ def payload_nbytes(payload: Mapping[str, np.ndarray | torch.Tensor]) -> int:
     for arr in payload.values():
         total += arr.nbytes if isinstance(arr, np.ndarray) else arr.numel() * arr.element_size()
     return total
+
+
+def validated_layout(codec: Codec, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Layout:
+    """The codec's layout for ``inputs``, after checking ``encoded`` against it (PayloadError only)."""
+    try:
+        layout = codec.layout(inputs)
+    except ValueError as error:
+        raise PayloadError(str(error)) from error
+    validate(encoded, layout)
+    return layout

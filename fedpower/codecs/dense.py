@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from fedpower.codecs.base import WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, validate
+from fedpower.codecs.base import WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, validate, validated_layout
 
 
 @dataclass(frozen=True)
@@ -32,9 +32,5 @@ class Dense(Codec):
 
     def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Validated copies of the arrays, with the input shapes and dtypes."""
-        try:
-            layout = self.layout(inputs)
-        except ValueError as error:
-            raise PayloadError(str(error)) from error
-        validate(encoded, layout)
+        validated_layout(self, encoded, inputs)
         return {name: encoded[name].clone() for name in inputs}

@@ -39,7 +39,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from fedpower.codecs.base import (
+from fedpower.codecs.base import (validated_layout, 
     WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validate,
 )
 
@@ -201,11 +201,7 @@ class Quantize(Codec):
 
     def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Float32 tensors with the input shapes (pass-through arrays keep their dtype)."""
-        try:
-            layout = self.layout(inputs)
-        except ValueError as error:
-            raise PayloadError(str(error)) from error
-        validate(encoded, layout)
+        validated_layout(self, encoded, inputs)
         out: Tensors = {}
         for name, spec in inputs.items():
             shape = tuple(spec.shape)

@@ -14,7 +14,7 @@ from typing import Mapping
 
 import torch
 
-from fedpower.codecs.base import (
+from fedpower.codecs.base import (validated_layout, 
     WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validate,
 )
 
@@ -78,11 +78,7 @@ class TopK(Codec):
 
     def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Scatter the values into zeros of the input shapes; rejects bad or repeated indices."""
-        try:
-            layout = self.layout(inputs)
-        except ValueError as error:
-            raise PayloadError(str(error)) from error
-        validate(encoded, layout)
+        validated_layout(self, encoded, inputs)
         out: Tensors = {}
         for name, spec in inputs.items():
             if spec.dtype != torch.float32:
