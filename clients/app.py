@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
 
 STATE_PREFIX = "fedpower:"
@@ -65,6 +66,17 @@ def state_norm(state: Mapping[str, torch.Tensor]) -> float:
     return total ** 0.5
 
 
+def client_privacy(privacy: Mapping[str, Any], config: Mapping[str, Any]) -> ClientPrivacy:
+    """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the server's)."""
+    clip_norm = float(privacy["clip_norm"])
+    if privacy["mode"] != "local":
+        return ClientPrivacy(clip_norm=clip_norm)
+    sigma = privacy.get("noise_multiplier")
+    if sigma is None:  # calibrated to target_epsilon by the server, which sends it each round
+        sigma = config["dp-noise-multiplier"]
+    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm)
+
+
 def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
     """Train locally and reply with the compressed update."""
     config = msg.content["config"]
@@ -101,16 +113,33 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
         state = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     state_norm_in = state_norm(state)
-    if dense:
-        encoded, _ = codec.encode(update, None, generator)
+    privacy = settings.get("privacy")
+    if privacy:
+        dp = client_privacy(privacy, config)
+        noise = (noise_generator(privacy.get("noise_seed"), int(experiment["seed"]), server_round, pid)
+                 if dp.noise_std > 0 else None)
+        encoded, new_state, info = private_encode(codec, update, None if dense else state, dp, generator, noise)
+        if not dense:
+            state = new_state
+            save_client_state(context, strategy, state)
     else:
-        encoded, state = codec.encode(update, state, generator)
-        save_client_state(context, strategy, state)
+        info = {}
+        if dense:
+            encoded, _ = codec.encode(update, None, generator)
+        else:
+            encoded, state = codec.encode(update, state, generator)
+            save_client_state(context, strategy, state)
     packed = pack(encoded, codec.layout(inputs))
+    metrics: dict[str, Any] = {"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
+                               "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}
+    if privacy and privacy["mode"] == "local":
+        # The server is not trusted under local DP: send nothing un-noised about the data.
+        metrics = {"num-examples": 1, "partition-id": pid}
+    elif privacy:
+        metrics["update_norm"] = info["clip_norm_in"]  # to a trusted server only: helps choosing C
     reply = RecordDict({
         "payload": ArrayRecord({dtype: Array(buf) for dtype, buf in packed.items()}),
-        "metrics": MetricRecord({"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
-                                "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}),
+        "metrics": MetricRecord(metrics),
     })
     return Message(reply, reply_to=msg)
 

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,20 +41,22 @@ class LiveProgress:
     def __init__(self, console: Console, names: Sequence[str], rounds: dict[str, int]) -> None:
         self.console = console
         self.rows: dict[str, dict[str, Any]] = {n: {"round": 0, "rounds": rounds[n], "acc": None, "up": 0,
-                                                    "status": "waiting", "started": None} for n in names}
+                                                    "eps": None, "status": "waiting", "started": None}
+                                                for n in names}
         self.live = Live(self._render(), console=console, refresh_per_second=4, transient=False)
 
     def _render(self) -> Table:
         table = Table(header_style="bold", title="fedpower run")
-        for col in ("strategy", "round", "accuracy %", "uplink MB", "ETA", "status"):
+        for col in ("strategy", "round", "accuracy %", "uplink MB", "ε", "ETA", "status"):
             table.add_column(col, justify="left" if col in ("strategy", "status") else "right")
         for name, r in self.rows.items():
             eta = "-"
-            if r["started"] and 0 < r["round"] < r["rounds"]:
+            if r["started"] and 0 < r["round"] < r["rounds"] and r["status"] == "running":
                 per_round = (time.perf_counter() - r["started"]) / r["round"]
                 eta = f"{per_round * (r['rounds'] - r['round']):.0f} s"
             acc = "-" if r["acc"] is None else f"{100 * r['acc']:.2f}"
-            table.add_row(name, f"{r['round']}/{r['rounds']}", acc, f"{r['up'] / 1e6:.3f}", eta, r["status"])
+            eps = "-" if r["eps"] is None else f"{r['eps']:.3g}"
+            table.add_row(name, f"{r['round']}/{r['rounds']}", acc, f"{r['up'] / 1e6:.3f}", eps, eta, r["status"])
         return table
 
     def strategy_started(self, name: str, rounds: int) -> None:
@@ -68,12 +71,14 @@ class LiveProgress:
         if row["accuracy"] == row["accuracy"]:  # NaN when evaluation was skipped this round
             r["acc"] = row["accuracy"]
         r["up"] += row["uplink_bytes"]
+        r["eps"] = row.get("epsilon")
         self.live.update(self._render())
 
     def strategy_finished(self, name: str, final: dict[str, Any]) -> None:
         """Mark a strategy done."""
         r = self.rows[name]
-        r["status"] = "done" if final["rounds_completed"] == r["rounds"] else "stopped"
+        r["status"] = "done" if final["rounds_completed"] == r["rounds"] else (
+            "budget spent" if final.get("stop_reason") else "stopped")
         self.live.update(self._render())
 
 
@@ -84,9 +89,11 @@ def _setup_logging(out_dir: Path, verbose: bool) -> None:
     handler = logging.FileHandler(out_dir / "run.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-    # Flower installs its own console handler on the "flwr" logger; route it to our file too.
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB set-up chatter
+    # Flower's "flwr" logger has its own console handler and also propagates to the root (our file).
     flwr_logger = logging.getLogger("flwr")
-    flwr_logger.addHandler(handler)
+    if not flwr_logger.propagate:
+        flwr_logger.addHandler(handler)
     if not verbose:
         for h in list(flwr_logger.handlers):
             if h is not handler and isinstance(h, logging.StreamHandler):
@@ -97,7 +104,7 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
     """Model size and dense fp32 bytes per round, for --dry-run."""
     from fedpower.experiment import experiment_data, experiment_model
     from fedpower.training import get_params
-    from strategies.server import clients_per_round
+    from fedpower.experiment import clients_per_round
 
     dataset = experiment_data(experiment)[0]
     out: dict[str, Any] = {}
@@ -108,6 +115,30 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
         out[entry["name"]] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
                               "dense_uplink_bytes_per_round": 4 * numel * cohort}
     return out
+
+
+def privacy_summary(experiment: dict[str, Any]) -> list[str]:
+    """One line per DP strategy: resolved σ (calibrated if asked) and ε after the planned rounds.
+
+    Raises BudgetExceeded (``on_budget_exceeded: error`` with a budget the planned rounds exceed) or
+    ValueError (settings the accountant cannot analyse).
+    """
+    from fedpower.experiment import privacy_plan
+
+    from fedpower.privacy import BudgetExceeded
+
+    lines = []
+    for entry in experiment["strategies"]:
+        name = entry["name"]
+        try:
+            plan = privacy_plan(experiment, name)
+        except BudgetExceeded as err:
+            raise BudgetExceeded(f"strategies[{name}].privacy.target_epsilon: {err}") from None
+        except ValueError as err:
+            raise ValueError(f"strategies[{name}].privacy: {err}") from None
+        if plan is not None:
+            lines.append(f"{name}: {plan.planned_summary()}")
+    return lines
 
 
 class StopFlag:
@@ -149,14 +180,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         err_console.print(f"[bold red]config error:[/] {err}", highlight=False, markup=True)
         return EXIT_USAGE
     experiment = config.to_dict()
-    with_privacy = [s["name"] for s in experiment["strategies"] if s.get("privacy")]
-    if with_privacy:
-        err_console.print(f"[bold red]config error:[/] strategies[{with_privacy[0]}].privacy: differential privacy "
-                          "is not available in this version yet; remove the 'privacy' block to run.")
+    from fedpower.privacy import BudgetExceeded
+
+    try:  # calibrates σ / checks budgets up front: an impossible budget is a config error, not a failed run
+        privacy_lines = privacy_summary(experiment)
+    except (BudgetExceeded, ValueError) as err:
+        err_console.print(f"[bold red]config error:[/] {escape(str(err))}", highlight=False)
         return EXIT_USAGE
 
     if args.dry_run:
         console.print_json(json.dumps(experiment, default=str))
+        for line in privacy_lines:
+            console.print(f"privacy {escape(line)}", highlight=False, soft_wrap=True)
         try:
             summary = dense_summary(experiment)
         except Exception as err:  # noqa: BLE001 - data/model errors are user errors here
@@ -193,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = StopFlag()
     stop.console = console
     previous = signal.signal(signal.SIGINT, stop.handler)
+    for line in privacy_lines:
+        console.print(f"privacy {escape(line)}", highlight=False, soft_wrap=True)
+        logging.getLogger("fedpower").info("privacy %s", line)
     progress = LiveProgress(console, names, rounds)
     failed: BaseException | None = None
     from strategies.simulation import run_simulation_experiment

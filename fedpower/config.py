@@ -238,14 +238,19 @@ class PrivacyConfig(_Model):
     delta: float = Field(1e-5, gt=0, lt=1)
     sampling: Literal["poisson", "fixed"] = "poisson"  # client sampling the accountant assumes and uses
     accountant: Literal["rdp", "pld"] = "rdp"
-    on_budget_exceeded: Literal["stop", "error"] = "stop"
+    on_budget_exceeded: Literal["stop", "error"] = "stop"  # stop before exceeding the budget, or refuse to start
+    noise_seed: Optional[int] = Field(None, ge=0)  # reproducible noise, experiments only (null: OS entropy)
 
     @model_validator(mode="after")
     def _noise_given(self) -> "PrivacyConfig":
-        """Require a noise level or a budget to calibrate one."""
+        """Require a noise level or a budget to calibrate one; only RDP analyses fixed-size sampling."""
         if self.noise_multiplier is None and self.target_epsilon is None:
             raise ConfigIssues([(("noise_multiplier",), "set noise_multiplier (sigma), or target_epsilon to "
                                  "calibrate sigma for that budget")])
+        if self.sampling == "fixed" and self.accountant == "pld" and self.mode == "central":
+            raise ConfigIssues([(("accountant",), "accountant 'pld' cannot analyse fixed-size sampling without "
+                                 "replacement (dp-accounting does that only with RDP, replace-one); use accountant: "
+                                 "rdp or sampling: poisson")])
         return self
 
 

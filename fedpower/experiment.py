@@ -9,13 +9,17 @@ from __future__ import annotations
 import copy
 import json
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
 
 from fedpower.data import Dataset, load_dataset, partition
 from fedpower.models import build_model
+from fedpower.privacy.sampling import cohort_sampler
+
+if TYPE_CHECKING:
+    from fedpower.privacy.plan import PrivacyPlan
 
 
 PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
@@ -49,6 +53,28 @@ def strategy_settings(experiment: Mapping[str, Any], name: str) -> dict[str, Any
                 "model": deep_merge(experiment["model"], entry.get("model")),
             }
     raise KeyError(f"no strategy named {name!r} in the experiment")
+
+
+def clients_per_round(train: Mapping[str, Any], num_clients: int) -> int:
+    """Cohort size from ``clients_per_round`` or ``fraction`` (the expected size under Poisson sampling)."""
+    if train.get("fraction"):
+        return max(1, round(float(train["fraction"]) * num_clients))
+    return max(1, min(int(train.get("clients_per_round") or num_clients), num_clients))
+
+
+def privacy_plan(experiment: Mapping[str, Any], name: str) -> PrivacyPlan | None:
+    """The resolved DP plan of a strategy (σ calibrated if asked), or None without DP; may raise BudgetExceeded."""
+    settings = strategy_settings(experiment, name)
+    privacy = settings.get("privacy")
+    if not privacy:
+        return None
+    from fedpower.privacy.plan import make_plan  # needs dp-accounting (the [sim] extra): server side only
+
+    num_clients = int(experiment["data"]["num_clients"])
+    cohort = clients_per_round(settings["train"], num_clients)
+    sample = cohort_sampler(int(experiment["seed"]), range(num_clients), cohort, privacy.get("sampling", "poisson"))
+    return make_plan(privacy, num_clients=num_clients, cohort_size=cohort, rounds=int(settings["train"]["rounds"]),
+                     cohorts=sample)
 
 
 def _data_key(experiment: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ class StrategyResult:
     completed: bool = False
     initial_accuracy: float | None = None
     client_metrics: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # round → per-client metrics
+    stop_reason: str | None = None  # why training ended early (e.g. the privacy budget), if it did
 
     def final(self) -> dict[str, Any]:
         """The ``final`` block of results.json, derived from the rounds and the ledger."""
@@ -51,6 +52,7 @@ class StrategyResult:
             "rounds_completed": len(self.rounds),
             "rejected_payloads": sum(r.get("rejected", 0) for r in self.rounds),
             "client_failures": sum(r.get("failures", 0) for r in self.rounds),
+            "stop_reason": self.stop_reason,
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,8 +19,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedpower.codecs import PayloadError, build_codec, init_basis, is_shared, layout_of, next_basis, pack, unpack
+from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import ArraySpec, Codec, weighted_sum
 from fedpower.ledger import Ledger, Transfer
+from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, linear_layout, mean_aggregate
+from fedpower.privacy import noise_generator as make_noise_generator
 from fedpower.server_opt import ServerOptimizer
 from strategies.wire import array_bytes, wire_bytes
 
@@ -49,7 +52,7 @@ class CompressedFedAvg(FedAvg):
         sampler: Callable[[int], list[int]], server_optimizer: ServerOptimizer, seed: int = 0,
         node_partitions: Mapping[int, int] | None = None, federated_evaluation: bool = False,
         min_valid_clients: int = 1, on_round: Callable[[RoundStats], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
+        should_stop: Callable[[], bool] | None = None, privacy: PrivacyPlan | None = None,
     ) -> None:
         # Sampling and evaluation are driven by our own hooks; these only satisfy FedAvg's checks.
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1)
@@ -74,10 +77,39 @@ class CompressedFedAvg(FedAvg):
                                  self.compression.get("min_compression_rate", 2.0), seed) if self.shared else None)
         self._round_codec: Codec | None = None
         self._round_started: dict[int, float] = {}
+        self.seed = seed
+        self.privacy = privacy  # DP: fixed weights, server noise (central) and the accountant
+        self.stop_reason: str | None = None  # set when the privacy budget ends training early
+        self._cohorts: dict[int, list[int]] = {}  # round → sampled partitions (accounting)
 
     def summary(self) -> None:
         """Log the strategy's settings."""
         log.info("strategy %s: compression=%s", self.name, self.compression)
+        if self.privacy is not None:
+            log.info("strategy %s: %s", self.name, self.privacy.describe())
+
+    @property
+    def epsilon(self) -> float | None:
+        """ε(δ) spent so far (None without DP)."""
+        return None if self.privacy is None else self.privacy.epsilon
+
+    def halted(self) -> bool:
+        """Whether training must not go on (user stop or exhausted privacy budget)."""
+        return self.stop_reason is not None or self.should_stop()
+
+    def _budget_allows(self, server_round: int, cohort: list[int]) -> bool:
+        """False (and the reason recorded) when this round would take ε past the budget."""
+        plan = self.privacy
+        if plan is None or not plan.would_exceed(cohort):
+            return True
+        next_epsilon = plan.epsilon_after(cohort)
+        message = (f"strategy {self.name}: round {server_round} would take ε from {plan.epsilon:.4g} to "
+                   f"{next_epsilon:.4g} > target_epsilon {plan.target_epsilon:g} (δ={plan.delta:g})")
+        if plan.on_budget_exceeded == "error":
+            raise BudgetExceeded(message)
+        self.stop_reason = f"privacy budget: stopped before round {server_round} (ε={plan.epsilon:.4g})"
+        log.warning("%s; stopping after round %d", message, server_round - 1)
+        return False
 
     # -- round plumbing -------------------------------------------------------------------------
     def is_dense_round(self, server_round: int) -> bool:
@@ -93,13 +125,20 @@ class CompressedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
     ) -> Iterable[Message]:
         """One message per sampled node: global model, instructions and (shared mode) the basis."""
-        if self.should_stop():
+        if self.halted():
             return []
+        nodes = self.sampler(server_round)
+        cohort = [self.node_partitions.get(node, -1) for node in nodes]
+        if not self._budget_allows(server_round, cohort):
+            return []
+        self._cohorts[server_round] = cohort
         self._round_started[server_round] = time.perf_counter()
         dense = self.is_dense_round(server_round)
         self._round_codec = self.round_codec(server_round)
         round_config = ConfigRecord({"strategy": self.name, "server-round": server_round, "dense": dense,
                                      "side": self.side})
+        if self.privacy is not None:  # local DP clients add σ·C themselves; σ may have been calibrated here
+            round_config["dp-noise-multiplier"] = float(self.privacy.noise_multiplier)
         content = {"arrays": arrays, "config": round_config}
         if self.shared and not dense:
             assert self.basis is not None
@@ -108,7 +147,6 @@ class CompressedFedAvg(FedAvg):
         record = RecordDict(content)
         down_wire = wire_bytes(record)
         down_payload = array_bytes(arrays) + (array_bytes(content["basis"]) if "basis" in content else 0)
-        nodes = self.sampler(server_round)
         self.stats[server_round] = RoundStats(round=server_round, sampled=len(nodes))
         for node in nodes:
             self.ledger.record(Transfer(server_round, self.node_partitions.get(node, -1), "down", down_payload,
@@ -124,19 +162,20 @@ class CompressedFedAvg(FedAvg):
         examples = float(metrics.get("num-examples", -1))
         if not np.isfinite(examples) or examples <= 0:
             raise PayloadError(f"num-examples must be a positive number, got {examples}")
-        packed = {dtype: arr.numpy() for dtype, arr in content["payload"].items()}
-        encoded = unpack(packed, codec.layout(self.inputs))
-        contribution = codec.reduce([encoded], [1.0], self.inputs)
-        for name, t in contribution.items():
-            if not bool(torch.isfinite(t).all()):
-                raise PayloadError(f"{name}: decodes to non-finite values")
+        try:  # numpy arrays only, never pickles (Flower loads them with allow_pickle=False)
+            packed = {dtype: arr.numpy() for dtype, arr in content["payload"].items()}
+        except (TypeError, ValueError, OSError) as err:
+            raise PayloadError(f"payload arrays cannot be read: {err}") from err
+        contribution = decode_contribution(codec, packed, self.inputs)
         return contribution, examples, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate and decode every reply, aggregate by examples, apply the server optimizer."""
-        stats = self.stats.setdefault(server_round, RoundStats(round=server_round))
+        """Validate and decode every reply, aggregate (by examples, or DP's fixed weights), step the server."""
+        if server_round not in self.stats:
+            return None, None  # stopped before this round was configured: nothing trained
+        stats = self.stats[server_round]
         codec = self._round_codec or self.round_codec(server_round)
         contributions, weights, losses = [], [], []
         # Replies arrive in completion order; sum in partition order so float results are reproducible.
@@ -162,6 +201,8 @@ class CompressedFedAvg(FedAvg):
             losses.append(client_metrics.get("train_loss", float("nan")))
             stats.client_metrics.append(client_metrics)
         stats.accepted = len(contributions)
+        if self.privacy is not None:
+            return self._aggregate_private(server_round, codec, contributions, losses, stats)
         if stats.accepted < self.min_valid_clients:
             log.warning("round %d: %d valid contributions < %d; keeping the old model", server_round,
                         stats.accepted, self.min_valid_clients)
@@ -169,15 +210,47 @@ class CompressedFedAvg(FedAvg):
             return None, None
         total = sum(weights)
         reduced = weighted_sum(contributions, [w / total for w in weights])
+        stats.train_loss = float(np.average(losses, weights=weights))
+        return self._apply(server_round, codec, reduced, stats)
+
+    def _apply(self, server_round: int, codec: Codec, reduced: Mapping[str, torch.Tensor],
+               stats: RoundStats) -> tuple[ArrayRecord, MetricRecord]:
+        """Expand the linear-space aggregate, step the server optimizer, advance the shared basis."""
         update = codec.expand(reduced, self.inputs)
         self.params = self.server_optimizer.step(self.params, update)
         if self.shared and not self.is_dense_round(server_round):
             self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
             self.side = "right" if self.side == "left" else "left"
-        stats.train_loss = float(np.average(losses, weights=weights))
         self._finish_round(server_round, stats)
         arrays = ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in self.params.items()})
         return arrays, MetricRecord({"train_loss": stats.train_loss, "accepted": stats.accepted})
+
+    def _aggregate_private(
+        self, server_round: int, codec: Codec, contributions: list[dict[str, torch.Tensor]], losses: list[float],
+        stats: RoundStats,
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        """DP aggregation in the codec's linear space; every configured round releases and is accounted.
+
+        Central: re-clip each contribution, sum, add N(0, σ²C²), divide by the expected cohort (an empty
+        cohort releases pure noise). Local: the plain mean of the (already noisy) contributions.
+        """
+        plan = self.privacy
+        assert plan is not None
+        layout = linear_layout(codec, self.inputs)
+        if plan.mode == "central":
+            generator = make_noise_generator(plan.noise_seed, self.seed, server_round)
+            reduced, info = central_aggregate(contributions, clip_norm=plan.clip_norm,
+                                              noise_multiplier=plan.noise_multiplier,
+                                              expected_cohort=plan.expected_cohort, layout=layout, generator=generator)
+            if info["server_clipped"]:
+                log.info("round %d: server re-clipped %d contribution(s) to C=%g", server_round,
+                         int(info["server_clipped"]), plan.clip_norm)
+        else:
+            reduced = mean_aggregate(contributions, layout)
+        plan.record(self._cohorts.get(server_round, []))
+        finite = [loss for loss in losses if np.isfinite(loss)]
+        stats.train_loss = float(np.mean(finite)) if finite else float("nan")
+        return self._apply(server_round, codec, reduced, stats)
 
     def _finish_round(self, server_round: int, stats: RoundStats) -> None:
         """Notify the observer that a round's training part ended."""
@@ -194,7 +267,7 @@ class CompressedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
     ) -> Iterable[Message]:
         """Federated evaluation on the sampled clients' own data, when enabled."""
-        if not self.federated_evaluation or self.should_stop():
+        if not self.federated_evaluation or self.halted():
             return []
         record = RecordDict({"arrays": arrays, "config": ConfigRecord({"strategy": self.name,
                                                                           "server-round": server_round})})

@@ -16,7 +16,10 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.experiment import (
+    clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
+)
+from fedpower.privacy import cohort_sampler
 from fedpower.results import RunResults
 from fedpower.server_opt import ServerOptimizer
 from fedpower.training import evaluate, get_params, set_params
@@ -40,23 +43,15 @@ def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> di
     return mapping
 
 
-def make_sampler(seed: int, node_by_partition: Mapping[int, int], clients_per_round: int) -> Callable[[int], list[int]]:
-    """Round → node ids; the same partitions for the same round and seed, whatever the strategy."""
-    partitions = sorted(node_by_partition)
+def make_sampler(seed: int, node_by_partition: Mapping[int, int], clients_per_round: int,
+                 sampling: str = "fixed") -> Callable[[int], list[int]]:
+    """Round → node ids; the same partitions for the same round, seed and sampling, whatever the strategy.
 
-    def sample(server_round: int) -> list[int]:
-        rng = random.Random(seed * 1_000_003 + server_round)
-        chosen = rng.sample(partitions, min(clients_per_round, len(partitions)))
-        return [node_by_partition[p] for p in sorted(chosen)]
-
-    return sample
-
-
-def clients_per_round(train: Mapping[str, Any], num_clients: int) -> int:
-    """Cohort size from ``clients_per_round`` or ``fraction``."""
-    if train.get("fraction"):
-        return max(1, round(float(train["fraction"]) * num_clients))
-    return max(1, min(int(train.get("clients_per_round") or num_clients), num_clients))
+    ``fixed``: exactly ``clients_per_round`` without replacement; ``poisson``: each client with
+    probability clients_per_round / N (what the DP accountant assumes; the cohort may be empty).
+    """
+    sample = cohort_sampler(seed, list(node_by_partition), clients_per_round, sampling)  # type: ignore[arg-type]
+    return lambda server_round: [node_by_partition[p] for p in sample(server_round)]
 
 
 def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResults, observer: Any = None,
@@ -82,13 +77,15 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
         if observer is not None:
             observer.strategy_started(name, rounds)
         pending: dict[int, RoundStats] = {}
+        plan = privacy_plan(experiment, name)
+        sampling = plan.sampling if plan is not None else "fixed"
 
         strategy = CompressedFedAvg(
             name=name, compression=settings["compression"], params=get_params(model),
-            sampler=make_sampler(seed, node_by_partition, clients_per_round(train, num_clients)),
+            sampler=make_sampler(seed, node_by_partition, clients_per_round(train, num_clients), sampling),
             server_optimizer=server_opt, seed=seed, node_partitions=partitions_by_node,
             federated_evaluation=bool(train.get("federated_evaluation", False)),
-            on_round=lambda stats: pending.__setitem__(stats.round, stats), should_stop=should_stop)
+            on_round=lambda stats: pending.__setitem__(stats.round, stats), should_stop=should_stop, privacy=plan)
         result.ledger = strategy.ledger
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -108,7 +105,7 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
             row = {"round": server_round, "accuracy": accuracy, "loss": loss,
                    "uplink_bytes": strategy.ledger.total("up", round=server_round),
                    "downlink_bytes": strategy.ledger.total("down", round=server_round),
-                   "epsilon": None, "seconds": strategy.round_seconds(server_round),
+                   "epsilon": strategy.epsilon, "seconds": strategy.round_seconds(server_round),
                    "train_loss": stats.train_loss, "clients": stats.sampled, "accepted": stats.accepted,
                    "rejected": stats.rejected, "failures": stats.failures}
             if server_round in strategy.federated_metrics:
@@ -117,6 +114,8 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
             result.client_metrics[server_round] = stats.client_metrics
             if observer is not None:
                 observer.round_finished(name, row)
+            log.info("%s round %d/%d: accuracy %.4f, uplink %d B, downlink %d B, %.2f s", name, server_round,
+                     rounds, accuracy, row["uplink_bytes"], row["downlink_bytes"], row["seconds"])
             return MetricRecord({"accuracy": accuracy, "loss": loss})
 
         started = time.perf_counter()
@@ -124,6 +123,7 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
         result.wall_seconds = time.perf_counter() - started
         result.completed = len(result.rounds) == rounds
+        result.stop_reason = strategy.stop_reason
         if observer is not None:
             observer.strategy_finished(name, result.final())
     return results

@@ -35,6 +35,11 @@ def _experiment() -> dict[str, Any]:
             {"name": "broken", "compression": {"method": "topk", "ratio": 0.05}, "train": {"rounds": 2}},
             {"name": "warmup", "compression": {"method": "powersgd", "rank": 2, "start_after_rounds": 1},
              "train": {"rounds": 2, "federated_evaluation": True}},
+            {"name": "dp-shared",
+             "compression": {"method": "powersgd", "mode": "shared", "rank": 2, "quantize_bits": 8},
+             "train": {"rounds": 5},
+             "privacy": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 4.6,
+                         "delta": 1e-5, "sampling": "poisson", "accountant": "rdp", "on_budget_exceeded": "stop"}},
         ],
     }
 
@@ -155,3 +160,20 @@ def test_federated_evaluation_reports_client_accuracy(run: Any) -> None:
     for row in run.strategies["warmup"].rounds:
         assert 0.0 <= row["federated_accuracy"] <= 1.0
     assert "federated_accuracy" not in run.strategies["fedavg"].rounds[0]
+
+
+def test_central_dp_reports_epsilon_each_round_and_stops_at_the_budget(run: Any) -> None:
+    """ε per round = dp-accounting's Poisson RDP value; training stops before the round that would exceed 4.6."""
+    import dp_accounting
+    from dp_accounting import rdp
+
+    result = run.strategies["dp-shared"]
+    assert not result.completed and result.stop_reason and "privacy budget" in result.stop_reason
+    epsilons = [row["epsilon"] for row in result.rounds]
+    assert len(epsilons) == 3  # ε(3) = 4.42 ≤ 4.6 < ε(4) = 4.87 for q = 5/20, σ = 1
+    for server_round, epsilon in enumerate(epsilons, start=1):
+        fresh = rdp.RdpAccountant()
+        fresh.compose(dp_accounting.PoissonSampledDpEvent(0.25, dp_accounting.GaussianDpEvent(1.0)), server_round)
+        assert epsilon == pytest.approx(fresh.get_epsilon(1e-5), rel=1e-9)
+    assert all(np.isfinite(row["accuracy"]) for row in result.rounds)
+    assert result.final()["epsilon"] == epsilons[-1]
