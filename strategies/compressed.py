@@ -214,9 +214,15 @@ class CompressedFedAvg(FedAvg):
         return self._apply(server_round, codec, reduced, stats)
 
     def _apply(self, server_round: int, codec: Codec, reduced: Mapping[str, torch.Tensor],
-               stats: RoundStats) -> tuple[ArrayRecord, MetricRecord]:
+               stats: RoundStats) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Expand the linear-space aggregate, step the server optimizer, advance the shared basis."""
         update = codec.expand(reduced, self.inputs)
+        if not all(bool(torch.isfinite(t).all()) for t in update.values()):
+            # Finite contributions can still overflow when summed: never let Inf/NaN into the model.
+            log.warning("round %d: aggregate update is not finite; keeping the old model", server_round)
+            stats.reasons.append("aggregate update not finite")
+            self._finish_round(server_round, stats)
+            return None, None
         self.params = self.server_optimizer.step(self.params, update)
         if self.shared and not self.is_dense_round(server_round):
             self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
@@ -228,7 +234,7 @@ class CompressedFedAvg(FedAvg):
     def _aggregate_private(
         self, server_round: int, codec: Codec, contributions: list[dict[str, torch.Tensor]], losses: list[float],
         stats: RoundStats,
-    ) -> tuple[ArrayRecord, MetricRecord]:
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """DP aggregation in the codec's linear space; every configured round releases and is accounted.
 
         Central: re-clip each contribution, sum, add N(0, σ²C²), divide by the expected cohort (an empty
