@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -19,24 +18,11 @@ from flwr.clientapp import ClientApp
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.records import arrays_to_tensors, tensors_to_arrays
 from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
 
 STATE_PREFIX = "fedpower:"
-
-
-def arrays_to_tensors(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """ArrayRecord → dict of tensors (numpy only: nothing a peer sends is unpickled)."""
-    return {name: torch.from_numpy(np.array(arr.numpy())).to(device) for name, arr in record.items()}
-
-
-def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
-    """dict of tensors/ndarrays → ArrayRecord."""
-    out = {}
-    for name, t in tensors.items():
-        arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
-        out[name] = Array(np.ascontiguousarray(arr))
-    return ArrayRecord(out)
 
 
 def partition_id(context: Context) -> int:

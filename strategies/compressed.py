@@ -18,9 +18,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpower.codecs import PayloadError, build_codec, init_basis, is_shared, layout_of, next_basis, pack, unpack
+from fedpower.codecs import PayloadError, build_codec, init_basis, is_shared, layout_of, next_basis, pack
 from fedpower.codecs.receive import decode_contribution
-from fedpower.codecs.base import ArraySpec, Codec, weighted_sum
+from fedpower.codecs.base import Codec, weighted_sum
+from fedpower.records import tensors_to_arrays
 from fedpower.ledger import Ledger, Transfer
 from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, linear_layout, mean_aggregate
 from fedpower.privacy import noise_generator as make_noise_generator
@@ -228,7 +229,7 @@ class CompressedFedAvg(FedAvg):
             self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
             self.side = "right" if self.side == "left" else "left"
         self._finish_round(server_round, stats)
-        arrays = ArrayRecord({name: Array(t.detach().cpu().numpy()) for name, t in self.params.items()})
+        arrays = tensors_to_arrays(self.params)
         return arrays, MetricRecord({"train_loss": stats.train_loss, "accepted": stats.accepted})
 
     def _aggregate_private(

@@ -12,14 +12,14 @@ import random
 import time
 from typing import Any, Callable, Mapping
 
-import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedpower.experiment import (
     clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
 )
 from fedpower.privacy import cohort_sampler
+from fedpower.records import arrays_to_tensors, tensors_to_arrays
 from fedpower.results import RunResults
 from fedpower.server_opt import ServerOptimizer
 from fedpower.training import evaluate, get_params, set_params
@@ -94,7 +94,7 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
                 return None  # stopped: this round never trained
             is_last = server_round == rounds
             if server_round == 0 or server_round % evaluate_every == 0 or is_last:
-                set_params(model, {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()})
+                set_params(model, arrays_to_tensors(arrays))
                 loss, accuracy = evaluate(model, x_test, y_test)
             else:
                 loss, accuracy = float("nan"), float("nan")
@@ -119,7 +119,7 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
             return MetricRecord({"accuracy": accuracy, "loss": loss})
 
         started = time.perf_counter()
-        initial = ArrayRecord({k: Array(v.numpy()) for k, v in get_params(model).items()})
+        initial = tensors_to_arrays(get_params(model))
         strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
         result.wall_seconds = time.perf_counter() - started
         result.completed = len(result.rounds) == rounds
