@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from fedpower.codecs.base import WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, validate, validated_layout
+from fedpower.codecs.base import WIRE_DTYPES, ArraySpec, Codec, Layout, Tensors, validated_layout
 
 
 @dataclass(frozen=True)

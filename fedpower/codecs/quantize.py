@@ -39,8 +39,8 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from fedpower.codecs.base import (validated_layout, 
-    WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validate,
+from fedpower.codecs.base import (
+    WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validated_layout,
 )
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)

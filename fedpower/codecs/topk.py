@@ -14,8 +14,8 @@ from typing import Mapping
 
 import torch
 
-from fedpower.codecs.base import (validated_layout, 
-    WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validate,
+from fedpower.codecs.base import (
+    WIRE_DTYPES, ArraySpec, Codec, Layout, PayloadError, Tensors, layout_of, validated_layout,
 )
 
 _INT32_MAX = int(torch.iinfo(torch.int32).max)
