@@ -237,6 +237,38 @@ def next_basis(reduced: Mapping[str, torch.Tensor], side: Side, names: Iterable[
     return {name: out[name] for name in factors}
 
 
+def update_basis_memory(
+    memory: Mapping[str, torch.Tensor] | None, update: Mapping[str, torch.Tensor], names: Iterable[str], beta: float,
+) -> Tensors:
+    """``β·memory + update`` for the compressed tensors, kept as (n, m) matrices on the server.
+
+    The memory is a decayed sum of the (already aggregated, possibly DP-noised) dense updates: a
+    subspace that persists over rounds adds up linearly while round-to-round noise only grows like
+    √rounds, so a basis taken from it tracks the update better than one round's factor does.
+    """
+    out: Tensors = {}
+    for name in names:
+        matrix = update[name].reshape(update[name].shape[0], -1).to(torch.float32)
+        previous = (memory or {}).get(name)
+        out[name] = matrix.clone() if previous is None else beta * previous.to(matrix.device) + matrix
+    return out
+
+
+def basis_from_memory(memory: Mapping[str, torch.Tensor], basis: Mapping[str, torch.Tensor], side: Side) -> Tensors:
+    """Next round's basis from the memory: orth(A Q̂) after a "left" round, orth(Aᵀ P̂) after "right".
+
+    One power step on the accumulated update, started from the basis just used; with zero decay it
+    equals :func:`next_basis` on this round's aggregated factor (A Q̂ = P̄ because Q̂ᵀQ̂ = I).
+    """
+    _check_side(side)
+    suffix = ".P" if side == "left" else ".Q"
+    factors = {}
+    for name, b in basis.items():
+        a = memory[name]
+        factors[name + suffix] = a @ b.to(a.device) if side == "left" else a.transpose(0, 1) @ b.to(a.device)
+    return next_basis(factors, side, names=list(basis))
+
+
 def _check_side(side: str) -> None:
     """Raise ValueError unless ``side`` is "left" or "right"."""
     if side not in ("left", "right"):
