@@ -20,7 +20,7 @@ from fedpower.codecs import Dense, ErrorFeedback, build_codec, init_basis, layou
 from fedpower.codecs.base import ArraySpec, Codec
 from fedpower.privacy import (
     Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, clip_contribution, cohort_sampler,
-    contribution_norm, gaussian_noise_like, linear_layout, make_plan, private_encode,
+    contribution_norm, gaussian_noise_like, linear_layout, make_plan, private_encode, split_linear,
 )
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -341,3 +341,36 @@ def test_bad_privacy_configs_exit_2_naming_the_field(tmp_path: Path, label: str,
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output
     assert needle in output and "Traceback" not in output, output
+
+
+def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
+    """clip_feedback=False: the residual is what compression lost of the *clipped* contribution, so it stays small."""
+    for kind, compression in CODECS.items():
+        if kind == "dense":
+            continue  # no error feedback at all
+        codec = codec_for(compression)
+        raw = update(11, 10.0)  # far above C = 1
+        kept, keep_state, _ = private_encode(codec, raw, codec.init_state(INPUTS), ClientPrivacy(clip_norm=1.0),
+                                             torch.Generator().manual_seed(0))
+        dropped, drop_state, _ = private_encode(codec, raw, codec.init_state(INPUTS),
+                                                ClientPrivacy(clip_norm=1.0, clip_feedback=False),
+                                                torch.Generator().manual_seed(0))
+        for name in kept:  # the message itself does not change
+            torch.testing.assert_close(kept[name], dropped[name])
+        residual_kept = {k: v for k, v in keep_state.items() if k.startswith("residual/")}
+        residual_dropped = {k: v for k, v in drop_state.items() if k.startswith("residual/")}
+        norm_kept = contribution_norm(residual_kept)
+        norm_dropped = contribution_norm(residual_dropped)
+        assert norm_kept > 5.0, kind  # most of the norm-10 update was cut off and kept
+        assert norm_dropped < norm_kept, kind
+        if kind != "shared":  # dense linear space: only the compression error of a norm-C message remains
+            assert norm_dropped <= 1.0 + 1e-3, kind
+        # kept − dropped residual is exactly the clipping loss, (1 − C/‖linear‖)·linear, in the dense space
+        split = split_linear(codec.inner)
+        linear = split.project.encode(raw)[0] if split.project is not None else raw
+        scale = 1.0 - 1.0 / contribution_norm(linear)
+        cut = {k: scale * v for k, v in linear.items()}
+        cut_dense = split.project.decode(cut, INPUTS) if split.project is not None else cut
+        for name in raw:
+            torch.testing.assert_close(residual_kept[f"residual/{name}"] - residual_dropped[f"residual/{name}"],
+                                       cut_dense[name], rtol=1e-4, atol=1e-4)

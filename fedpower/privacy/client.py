@@ -36,6 +36,9 @@ class ClientPrivacy:
 
     clip_norm: float  # C: L2 bound on the whole contribution
     noise_std: float = 0.0  # local DP: σ·C added by the client; central DP: 0 (the server adds noise)
+    # Feed what clipping cut off back into the residual (True), or only the compression error (False).
+    # Either way each message is within C; False keeps the residual bounded when updates exceed C.
+    clip_feedback: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,12 @@ def private_encode(
     reference = encoded
     if privacy.noise_std > 0:  # residual against the noise-free message: noise is never fed back
         reference, _ = _encode_linear(split, clipped, inner_state, generator)
-    decoded = inner.decode(reference, layout_of(corrected))
+    inputs = layout_of(corrected)
+    decoded = inner.decode(reference, inputs)
     new_residual = {n: corrected[n] - decoded[n] for n in corrected}
+    if not privacy.clip_feedback and norm > privacy.clip_norm:
+        # Drop the clipping loss from the residual: the cut mass, mapped back to the dense space.
+        cut = {n: linear[n] - clipped[n] for n in linear}
+        cut_dense = split.project.decode(cut, inputs) if split.project is not None else cut
+        new_residual = {n: new_residual[n] - cut_dense[n] for n in new_residual}
     return encoded, {**prefixed(new_residual, RESIDUAL), **prefixed(new_inner, INNER)}, info
