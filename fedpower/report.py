@@ -17,7 +17,7 @@ from fedpower.results import RunResults
 
 ROUND_COLUMNS = ["strategy", "round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes",
                  "cumulative_uplink_bytes", "cumulative_downlink_bytes", "epsilon", "seconds", "clients", "accepted",
-                 "rejected", "failures"]
+                 "rejected", "failures", "dropouts", "late", "kept_old_model", "kept_reason", "largest_norm_ratio"]
 
 
 def environment_info() -> dict[str, Any]:
@@ -165,7 +165,7 @@ def comparison_table(results: RunResults) -> Table:
     """The final rich table: one row per strategy."""
     table = Table(title=f"{results.experiment}: comparison", header_style="bold")
     for col in ("strategy", "final acc %", "best acc %", "uplink", "downlink", "up saving", "down saving", "ε",
-                "rejected", "wall s"):
+                "rejected", "failed", "kept", "wall s"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for strategy in results.strategies.values():
         final = strategy.final()
@@ -176,7 +176,8 @@ def comparison_table(results: RunResults) -> Table:
             human_bytes(final["downlink_bytes_total"]),
             f"{ratio_up:.1f}×" if ratio_up else "-", f"{ratio_down:.2f}×" if ratio_down else "-",
             "-" if final["epsilon"] is None else f"{final['epsilon']:.2f}",
-            str(final["rejected_payloads"] + final["client_failures"]), f"{final['wall_seconds']:.1f}")
+            str(final["rejected_payloads"]), str(final["client_failures"]), str(final["rounds_kept_old_model"]),
+            f"{final['wall_seconds']:.1f}")
     return table
 
 

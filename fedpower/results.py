@@ -52,6 +52,9 @@ class StrategyResult:
             "rounds_completed": len(self.rounds),
             "rejected_payloads": sum(r.get("rejected", 0) for r in self.rounds),
             "client_failures": sum(r.get("failures", 0) for r in self.rounds),
+            "dropouts": sum(r.get("dropouts", 0) for r in self.rounds),
+            "late_replies": sum(r.get("late", 0) for r in self.rounds),
+            "rounds_kept_old_model": sum(1 for r in self.rounds if r.get("kept_old_model")),
             "stop_reason": self.stop_reason,
         }
 
@@ -73,6 +76,8 @@ class RunResults:
     config: dict[str, Any]
     strategies: dict[str, StrategyResult] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
+    checkpoint_dir: str | None = None  # where the server checkpoints every round (run.py: the output folder)
+    resume_from: Any = None  # a fedpower.checkpoint.ResumePoint to continue from (run.py --resume)
 
     def strategy(self, name: str) -> StrategyResult:
         """The (possibly new) result entry of a strategy."""

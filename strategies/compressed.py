@@ -18,14 +18,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedpower.codecs import PayloadError, build_codec, init_basis, is_shared, layout_of, next_basis, pack
+from fedpower.codecs import (
+    PayloadError, basis_from_memory, build_codec, init_basis, is_shared, layout_of, next_basis, pack,
+    update_basis_memory,
+)
 from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import Codec, weighted_sum
 from fedpower.records import tensors_to_arrays
 from fedpower.ledger import Ledger, Transfer
-from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, linear_layout, mean_aggregate
+from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, contribution_norm, linear_layout
+from fedpower.privacy import mean_aggregate
 from fedpower.privacy import noise_generator as make_noise_generator
 from fedpower.server_opt import ServerOptimizer
+from clients.failures import DELAY_METRIC, is_simulated_dropout
 from strategies.wire import array_bytes, wire_bytes
 
 log = logging.getLogger("fedpower.strategy")
@@ -38,11 +43,15 @@ class RoundStats:
     round: int
     sampled: int = 0
     accepted: int = 0
-    failures: int = 0
-    rejected: int = 0
+    failures: int = 0  # no usable reply: simulated dropouts, late replies and client errors
+    dropouts: int = 0  # of the failures: simulated dropouts
+    late: int = 0  # of the failures: replies past the round deadline
+    rejected: int = 0  # replies refused by validation (payload, round/basis id, norm bound)
     reasons: list[str] = field(default_factory=list)
     train_loss: float = float("nan")
     client_metrics: list[dict[str, float]] = field(default_factory=list)  # per accepted reply
+    largest_norm_ratio: float = float("nan")  # max over decodable replies of norm / the round's median norm
+    kept_reason: str | None = None  # why the round kept the old model (None: the model was updated)
 
 
 class CompressedFedAvg(FedAvg):
@@ -54,6 +63,7 @@ class CompressedFedAvg(FedAvg):
         node_partitions: Mapping[int, int] | None = None, federated_evaluation: bool = False,
         min_valid_clients: int = 1, on_round: Callable[[RoundStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None, privacy: PrivacyPlan | None = None,
+        max_norm_ratio: float | None = None, round_deadline_s: float | None = None,
     ) -> None:
         # Sampling and evaluation are driven by our own hooks; these only satisfy FedAvg's checks.
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1)
@@ -67,6 +77,9 @@ class CompressedFedAvg(FedAvg):
         self.node_partitions = dict(node_partitions or {})
         self.federated_evaluation = federated_evaluation
         self.min_valid_clients = min_valid_clients
+        self.max_norm_ratio = max_norm_ratio  # reject replies with norm > this × the round's median (None: off)
+        self.round_deadline_s = round_deadline_s  # replies with a larger simulated delay count as late
+        self.round_offset = 0  # rounds done before a resume: Flower's loop restarts at 1, our rounds do not
         self.on_round = on_round
         self.should_stop = should_stop or (lambda: False)
         self.ledger = Ledger()
@@ -76,6 +89,9 @@ class CompressedFedAvg(FedAvg):
         self.side = "left"
         self.basis = (init_basis(self.inputs, self.compression.get("rank", 4),
                                  self.compression.get("min_compression_rate", 2.0), seed) if self.shared else None)
+        self.basis_version = 0  # bumped whenever the basis advances; clients echo the one they used
+        self.memory: dict[str, torch.Tensor] | None = None  # shared mode, basis_memory > 0: decayed update sum
+        self._round_basis_id = -1  # the basis id this round's replies must carry (-1: no basis sent)
         self._round_codec: Codec | None = None
         self._round_started: dict[int, float] = {}
         self.seed = seed
@@ -126,6 +142,7 @@ class CompressedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
     ) -> Iterable[Message]:
         """One message per sampled node: global model, instructions and (shared mode) the basis."""
+        server_round += self.round_offset
         if self.halted():
             return []
         nodes = self.sampler(server_round)
@@ -136,8 +153,9 @@ class CompressedFedAvg(FedAvg):
         self._round_started[server_round] = time.perf_counter()
         dense = self.is_dense_round(server_round)
         self._round_codec = self.round_codec(server_round)
+        self._round_basis_id = self.basis_version if self.shared and not dense else -1
         round_config = ConfigRecord({"strategy": self.name, "server-round": server_round, "dense": dense,
-                                     "side": self.side})
+                                     "side": self.side, "basis-id": self._round_basis_id})
         if self.privacy is not None:  # local DP clients add σ·C themselves; σ may have been calibrated here
             round_config["dp-noise-multiplier"] = float(self.privacy.noise_multiplier)
         content = {"arrays": arrays, "config": round_config}
@@ -154,15 +172,26 @@ class CompressedFedAvg(FedAvg):
                                         down_wire, self.dense_bytes))
         return [Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
 
-    def _decode_reply(self, msg: Message, codec: Codec) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
+    def _check_ids(self, metrics: Any, server_round: int) -> None:
+        """Refuse a reply computed for another round or another shared basis (stale, replayed or misrouted)."""
+        for key, expected in (("server-round", server_round), ("basis-id", self._round_basis_id)):
+            value = metrics.get(key) if hasattr(metrics, "get") else None
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != expected:
+                raise PayloadError(f"reply {key} is {value!r}, expected {expected}")
+
+    def _decode_reply(self, msg: Message, codec: Codec,
+                      server_round: int) -> tuple[dict[str, torch.Tensor], float, dict[str, float]]:
         """(this client's contribution in the codec's linear space, its weight, its loss); raises PayloadError."""
         content = msg.content
         if "payload" not in content or "metrics" not in content:
             raise PayloadError("reply lacks the 'payload' or 'metrics' record")
         metrics = content["metrics"]
-        examples = float(metrics.get("num-examples", -1))
-        if not np.isfinite(examples) or examples <= 0:
-            raise PayloadError(f"num-examples must be a positive number, got {examples}")
+        self._check_ids(metrics, server_round)
+        examples = metrics.get("num-examples", -1)
+        if not isinstance(examples, (int, float)) or isinstance(examples, bool) or not np.isfinite(examples) \
+                or examples <= 0:
+            raise PayloadError(f"num-examples must be a positive number, got {examples!r}")
+        examples = float(examples)
         try:  # numpy arrays only, never pickles (Flower loads them with allow_pickle=False)
             packed = {dtype: arr.numpy() for dtype, arr in content["payload"].items()}
         except (TypeError, ValueError, OSError) as err:
@@ -174,45 +203,100 @@ class CompressedFedAvg(FedAvg):
         self, server_round: int, replies: Iterable[Message],
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Validate and decode every reply, aggregate (by examples, or DP's fixed weights), step the server."""
+        server_round += self.round_offset
         if server_round not in self.stats:
             return None, None  # stopped before this round was configured: nothing trained
         stats = self.stats[server_round]
         codec = self._round_codec or self.round_codec(server_round)
-        contributions, weights, losses = [], [], []
+        kept: list[tuple[int, dict[str, torch.Tensor], float, dict[str, float]]] = []
         # Replies arrive in completion order; sum in partition order so float results are reproducible.
         replies = sorted(replies, key=lambda m: self.node_partitions.get(m.metadata.src_node_id, -1))
         for msg in replies:
+            partition = self.node_partitions.get(msg.metadata.src_node_id, -1)
             if msg.has_error():
                 stats.failures += 1
-                stats.reasons.append(f"client error: {msg.error.reason[:200]}")
+                if is_simulated_dropout(msg):
+                    stats.dropouts += 1
+                else:
+                    stats.reasons.append(f"partition {partition}: client error: {msg.error.reason[:200]}")
                 continue
-            partition = self.node_partitions.get(msg.metadata.src_node_id, -1)
             payload = array_bytes(msg.content["payload"]) if "payload" in msg.content else 0
             self.ledger.record(Transfer(server_round, partition, "up", payload, wire_bytes(msg.content),
                                         self.dense_bytes))
             try:
-                contribution, examples, client_metrics = self._decode_reply(msg, codec)
+                if self._is_late(msg):
+                    stats.failures += 1
+                    stats.late += 1
+                    continue
+                contribution, examples, client_metrics = self._decode_reply(msg, codec, server_round)
             except PayloadError as err:
-                stats.rejected += 1
-                stats.reasons.append(f"partition {partition}: {err}")
-                log.warning("round %d: rejected payload from partition %d: %s", server_round, partition, err)
+                self._reject(stats, partition, str(err))
                 continue
-            contributions.append(contribution)
-            weights.append(examples)
-            losses.append(client_metrics.get("train_loss", float("nan")))
-            stats.client_metrics.append(client_metrics)
-        stats.accepted = len(contributions)
+            kept.append((partition, contribution, examples, client_metrics))
+        if self.max_norm_ratio is not None and (self.privacy is None or self.privacy.mode != "central"):
+            kept = self._within_norm_bound(kept, stats)
+        contributions = [c for _, c, _, _ in kept]
+        weights = [w for _, _, w, _ in kept]
+        losses = [m.get("train_loss", float("nan")) for _, _, _, m in kept]
+        stats.client_metrics = [m for _, _, _, m in kept]
+        stats.accepted = len(kept)
         if self.privacy is not None:
+            # Every configured DP round releases (an empty cohort releases pure noise): skipping on a count
+            # of valid replies would make the release depend on who took part.
             return self._aggregate_private(server_round, codec, contributions, losses, stats)
         if stats.accepted < self.min_valid_clients:
-            log.warning("round %d: %d valid contributions < %d; keeping the old model", server_round,
-                        stats.accepted, self.min_valid_clients)
-            self._finish_round(server_round, stats)
-            return None, None
+            return self._keep_model(server_round, stats, f"{stats.accepted} valid contribution(s) < "
+                                    f"min_valid_clients {self.min_valid_clients}")
         total = sum(weights)
         reduced = weighted_sum(contributions, [w / total for w in weights])
         stats.train_loss = float(np.average(losses, weights=weights))
         return self._apply(server_round, codec, reduced, stats)
+
+    def _is_late(self, msg: Message) -> bool:
+        """Whether a reply's (simulated) delay is past the round deadline; PayloadError if unreadable."""
+        if self.round_deadline_s is None or "metrics" not in msg.content:
+            return False
+        delay = msg.content["metrics"].get(DELAY_METRIC, 0.0)
+        if not isinstance(delay, (int, float)) or isinstance(delay, bool) or not np.isfinite(delay) or delay < 0:
+            raise PayloadError(f"{DELAY_METRIC} must be a non-negative number, got {delay!r}")
+        return float(delay) > self.round_deadline_s
+
+    def _reject(self, stats: RoundStats, partition: int, why: str) -> None:
+        """Count and log one refused reply."""
+        stats.rejected += 1
+        stats.reasons.append(f"partition {partition}: {why}")
+        log.warning("round %d: rejected payload from partition %d: %s", stats.round, partition, why)
+
+    def _within_norm_bound(self, kept: list[Any], stats: RoundStats) -> list[Any]:
+        """Drop contributions whose norm exceeds max_norm_ratio × the round's (lower) median norm.
+
+        The lower median of two is the smaller norm, so the bound works from two replies on; a zero
+        median (most clients sent nothing) gives no scale to compare with, so nothing is dropped then.
+        """
+        norms = [contribution_norm(contribution) for _, contribution, _, _ in kept]
+        if len(norms) < 2:
+            return kept
+        median = sorted(norms)[(len(norms) - 1) // 2]
+        if not median > 0:
+            return kept
+        stats.largest_norm_ratio = max(norms) / median
+        within = []
+        for item, norm in zip(kept, norms):
+            if norm > self.max_norm_ratio * median:  # type: ignore[operator]
+                self._reject(stats, item[0], f"update norm {norm:.4g} is {norm / median:.1f}× the round's median "
+                             f"{median:.4g} (max_norm_ratio {self.max_norm_ratio:g})")
+            else:
+                within.append(item)
+        return within
+
+    def _keep_model(self, server_round: int, stats: RoundStats,
+                    why: str) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """End a round without touching the model, optimizer or basis; say why in the log and the results."""
+        log.warning("round %d: %s; keeping the old model", server_round, why)
+        stats.kept_reason = why
+        stats.reasons.append(why)
+        self._finish_round(server_round, stats)
+        return None, None
 
     def _apply(self, server_round: int, codec: Codec, reduced: Mapping[str, torch.Tensor],
                stats: RoundStats) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -220,14 +304,18 @@ class CompressedFedAvg(FedAvg):
         update = codec.expand(reduced, self.inputs)
         if not all(bool(torch.isfinite(t).all()) for t in update.values()):
             # Finite contributions can still overflow when summed: never let Inf/NaN into the model.
-            log.warning("round %d: aggregate update is not finite; keeping the old model", server_round)
-            stats.reasons.append("aggregate update not finite")
-            self._finish_round(server_round, stats)
-            return None, None
+            return self._keep_model(server_round, stats, "aggregate update is not finite")
         self.params = self.server_optimizer.step(self.params, update)
+        beta = float(self.compression.get("basis_memory", 0.0) or 0.0)
+        if self.shared and beta > 0:  # dense warm-up rounds feed the memory too
+            self.memory = update_basis_memory(self.memory, update, list(self.basis or {}), beta)
         if self.shared and not self.is_dense_round(server_round):
-            self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
+            if beta > 0:
+                self.basis = basis_from_memory(self.memory, self.basis or {}, self.side)  # type: ignore[arg-type]
+            else:
+                self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
             self.side = "right" if self.side == "left" else "left"
+            self.basis_version += 1
         self._finish_round(server_round, stats)
         arrays = tensors_to_arrays(self.params)
         return arrays, MetricRecord({"train_loss": stats.train_loss, "accepted": stats.accepted})
@@ -264,6 +352,56 @@ class CompressedFedAvg(FedAvg):
         if self.on_round is not None:
             self.on_round(stats)
 
+    # -- checkpoint state (fedpower/checkpoint.py writes it; numpy arrays + JSON-able metadata) ---------
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """Everything a resumed run needs to continue exactly: model, optimizer, basis, accountant."""
+        arrays = {f"params/{k}": v.detach().cpu().numpy() for k, v in self.params.items()}
+        for slot, tensors in self.server_optimizer.state.items():
+            arrays.update({f"optimizer/{slot}/{k}": v.detach().cpu().numpy() for k, v in tensors.items()})
+        for k, v in (self.basis or {}).items():
+            arrays[f"basis/{k}"] = v.detach().cpu().numpy()
+        for k, v in (self.memory or {}).items():
+            arrays[f"memory/{k}"] = v.detach().cpu().numpy()
+        meta: dict[str, Any] = {
+            "name": self.name, "side": self.side, "basis_version": self.basis_version, "stop_reason": self.stop_reason,
+            "basis_names": list(self.basis or {}), "memory_names": list(self.memory or {}),
+            "optimizer_slots": {slot: list(tensors) for slot, tensors in self.server_optimizer.state.items()},
+        }
+        if self.privacy is not None:
+            meta["privacy"] = {"accountant": self.privacy.accountant.state,
+                               "noise_multiplier": self.privacy.noise_multiplier,
+                               "participations": {str(p): n for p, n in self.privacy.participations.items()}}
+        return arrays, meta
+
+    def load_state(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict` output (ValueError if it belongs to another model or strategy)."""
+        if meta.get("name") != self.name:
+            raise ValueError(f"checkpoint state is for strategy {meta.get('name')!r}, not {self.name!r}")
+        params = {}
+        for k, v in self.params.items():
+            saved = arrays.get(f"params/{k}")
+            if saved is None or tuple(saved.shape) != tuple(v.shape):
+                raise ValueError(f"checkpoint has no parameter {k!r} of shape {tuple(v.shape)}")
+            params[k] = torch.from_numpy(np.array(saved, dtype=np.float32))
+        self.params = params
+        self.server_optimizer.state = {
+            slot: {k: torch.from_numpy(np.array(arrays[f"optimizer/{slot}/{k}"])) for k in names}
+            for slot, names in meta.get("optimizer_slots", {}).items()}
+        if self.shared:
+            self.basis = {k: torch.from_numpy(np.array(arrays[f"basis/{k}"])) for k in meta["basis_names"]}
+            names = meta.get("memory_names") or []
+            self.memory = {k: torch.from_numpy(np.array(arrays[f"memory/{k}"])) for k in names} or None
+        self.side = str(meta.get("side", "left"))
+        self.basis_version = int(meta.get("basis_version", 0))
+        self.stop_reason = meta.get("stop_reason")
+        privacy = meta.get("privacy")
+        if self.privacy is not None and privacy is not None:
+            from fedpower.privacy import Accountant
+
+            self.privacy.accountant = Accountant.restore(dict(privacy["accountant"]))
+            self.privacy.noise_multiplier = float(privacy["noise_multiplier"])
+            self.privacy.participations = {int(p): int(n) for p, n in privacy["participations"].items()}
+
     def round_seconds(self, server_round: int) -> float:
         """Wall seconds since the round was configured."""
         started = self._round_started.get(server_round)
@@ -274,6 +412,7 @@ class CompressedFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
     ) -> Iterable[Message]:
         """Federated evaluation on the sampled clients' own data, when enabled."""
+        server_round += self.round_offset
         if not self.federated_evaluation or self.halted():
             return []
         record = RecordDict({"arrays": arrays, "config": ConfigRecord({"strategy": self.name,
@@ -283,6 +422,7 @@ class CompressedFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation metrics."""
+        server_round += self.round_offset
         rows = [m.content["metrics"] for m in replies if not m.has_error() and "metrics" in m.content]
         if not rows:
             return None

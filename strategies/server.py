@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedpower.checkpoint import ResumePoint, restore_rng, save_run_checkpoint
 from fedpower.experiment import (
     clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
 )
@@ -56,77 +57,148 @@ def make_sampler(seed: int, node_by_partition: Mapping[int, int], clients_per_ro
 
 def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResults, observer: Any = None,
                    should_stop: Callable[[], bool] = lambda: False) -> RunResults:
-    """Run every strategy of ``experiment`` on ``grid`` and record into ``results``."""
+    """Run every strategy of ``experiment`` on ``grid`` and record into ``results``.
+
+    With ``results.checkpoint_dir`` set, the run is checkpointed after every round; with
+    ``results.resume_from`` (a ``ResumePoint``) it continues where that checkpoint left off.
+    """
     seed = int(experiment["seed"])
     random.seed(seed)  # Flower's own sampling helpers use the global RNG
     num_clients = int(experiment["data"]["num_clients"])
     partitions_by_node = discover_partitions(grid, num_clients)
-    node_by_partition = {p: n for n, p in partitions_by_node.items()}
-    dataset, _, _, _, x_test, y_test = experiment_data(experiment)
-    for entry in experiment["strategies"]:
+    fleet = _Fleet(grid, experiment, seed, partitions_by_node, experiment_data(experiment))
+    resume = results.resume_from
+    if resume is not None:
+        results.strategies.update(resume.results)  # finished strategies and the rounds done of the running one
+    for index, entry in enumerate(experiment["strategies"]):
         if should_stop():
             break
-        name = entry["name"]
-        settings = strategy_settings(experiment, name)
-        train = settings["train"]
-        model = experiment_model(experiment, name, dataset)
-        server_opt = ServerOptimizer(**(train.get("server_optimizer") or {}))
-        result = results.strategy(name)
-        rounds = int(train["rounds"])
-        evaluate_every = int(train.get("evaluate_every", 1))
-        if observer is not None:
-            observer.strategy_started(name, rounds)
-        pending: dict[int, RoundStats] = {}
-        plan = privacy_plan(experiment, name)
-        sampling = plan.sampling if plan is not None else "fixed"
-
-        strategy = CompressedFedAvg(
-            name=name, compression=settings["compression"], params=get_params(model),
-            sampler=make_sampler(seed, node_by_partition, clients_per_round(train, num_clients), sampling),
-            server_optimizer=server_opt, seed=seed, node_partitions=partitions_by_node,
-            federated_evaluation=bool(train.get("federated_evaluation", False)),
-            on_round=lambda stats: pending.__setitem__(stats.round, stats), should_stop=should_stop, privacy=plan)
-        result.ledger = strategy.ledger
-
-        def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-            """Centralized evaluation on the held-out test set; also closes the round's record."""
-            if server_round > 0 and server_round not in pending:
-                return None  # stopped: this round never trained
-            is_last = server_round == rounds
-            if server_round == 0 or server_round % evaluate_every == 0 or is_last:
-                set_params(model, arrays_to_tensors(arrays))
-                loss, accuracy = evaluate(model, x_test, y_test)
-            else:
-                loss, accuracy = float("nan"), float("nan")
-            if server_round == 0:
-                result.initial_accuracy = accuracy
-                return MetricRecord({"accuracy": accuracy, "loss": loss})
-            stats = pending.pop(server_round)
-            row = {"round": server_round, "accuracy": accuracy, "loss": loss,
-                   "uplink_bytes": strategy.ledger.total("up", round=server_round),
-                   "downlink_bytes": strategy.ledger.total("down", round=server_round),
-                   "epsilon": strategy.epsilon, "seconds": strategy.round_seconds(server_round),
-                   "train_loss": stats.train_loss, "clients": stats.sampled, "accepted": stats.accepted,
-                   "rejected": stats.rejected, "failures": stats.failures}
-            if server_round in strategy.federated_metrics:
-                row["federated_accuracy"] = strategy.federated_metrics[server_round]["eval_accuracy"]
-            result.rounds.append(row)
-            result.client_metrics[server_round] = stats.client_metrics
-            if observer is not None:
-                observer.round_finished(name, row)
-            log.info("%s round %d/%d: accuracy %.4f, uplink %d B, downlink %d B, %.2f s", name, server_round,
-                     rounds, accuracy, row["uplink_bytes"], row["downlink_bytes"], row["seconds"])
-            return MetricRecord({"accuracy": accuracy, "loss": loss})
-
-        started = time.perf_counter()
-        initial = tensors_to_arrays(get_params(model))
-        strategy.start(grid=grid, initial_arrays=initial, num_rounds=rounds, evaluate_fn=evaluate_fn)
-        result.wall_seconds = time.perf_counter() - started
-        result.completed = len(result.rounds) == rounds
-        result.stop_reason = strategy.stop_reason
-        if observer is not None:
-            observer.strategy_finished(name, result.final())
+        if resume is not None and index < resume.strategy_index:
+            _replay(observer, results.strategies[entry["name"]], fleet.rounds_of(entry["name"]))
+            continue
+        restart = resume if resume is not None and index == resume.strategy_index else None
+        finished = _run_strategy(fleet, index, results, observer, should_stop, restart)
+        if finished and results.checkpoint_dir:
+            save_run_checkpoint(results.checkpoint_dir, experiment=experiment, results=results,
+                                strategy_index=index + 1, completed_round=0, strategy_state=None)
     return results
+
+
+class _Fleet:
+    """What every strategy of a run shares: the grid, the nodes and their partitions, the test data."""
+
+    def __init__(self, grid: Grid, experiment: Mapping[str, Any], seed: int, partitions_by_node: dict[int, int],
+                 data: tuple[Any, ...]) -> None:
+        self.grid, self.experiment, self.seed = grid, experiment, seed
+        self.partitions_by_node = partitions_by_node
+        self.node_by_partition = {p: n for n, p in partitions_by_node.items()}
+        self.dataset, _, _, _, self.x_test, self.y_test = data
+
+    def rounds_of(self, name: str) -> int:
+        """Planned rounds of a strategy."""
+        return int(strategy_settings(self.experiment, name)["train"]["rounds"])
+
+
+def _replay(observer: Any, result: Any, rounds: int) -> None:
+    """Show a strategy finished before a resume as the observer would have seen it."""
+    if observer is None:
+        return
+    observer.strategy_started(result.name, rounds)
+    for row in result.rounds:
+        observer.round_finished(result.name, row)
+    observer.strategy_finished(result.name, result.final())
+
+
+def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
+                  should_stop: Callable[[], bool], restart: ResumePoint | None) -> bool:
+    """Run (or continue) one strategy; True when it finished (all rounds, or stopped by its privacy budget)."""
+    experiment, seed = fleet.experiment, fleet.seed
+    name = experiment["strategies"][index]["name"]
+    settings = strategy_settings(experiment, name)
+    train = settings["train"]
+    model = experiment_model(experiment, name, fleet.dataset)
+    result = results.strategy(name)
+    rounds = int(train["rounds"])
+    evaluate_every = int(train.get("evaluate_every", 1))
+    pending: dict[int, RoundStats] = {}
+    plan = privacy_plan(experiment, name)
+    sampling = plan.sampling if plan is not None else "fixed"
+    robustness = train.get("robustness") or {}
+    failures = train.get("failures") or {}
+    if plan is not None and plan.mode == "central" and robustness.get("max_norm_ratio") is not None:
+        log.info("%s: central DP re-clips every contribution to C; the max_norm_ratio check is not applied "
+                 "(it would make one client's presence decide whether others are kept)", name)
+
+    cohort = clients_per_round(train, int(experiment["data"]["num_clients"]))
+    strategy = CompressedFedAvg(
+        name=name, compression=settings["compression"], params=get_params(model),
+        sampler=make_sampler(seed, fleet.node_by_partition, cohort, sampling),
+        server_optimizer=ServerOptimizer(**(train.get("server_optimizer") or {})), seed=seed,
+        node_partitions=fleet.partitions_by_node,
+        federated_evaluation=bool(train.get("federated_evaluation", False)),
+        min_valid_clients=int(robustness.get("min_valid_clients", 1)), max_norm_ratio=robustness.get("max_norm_ratio"),
+        round_deadline_s=failures.get("round_deadline_s"),
+        on_round=lambda stats: pending.__setitem__(stats.round, stats), should_stop=should_stop, privacy=plan)
+    strategy.ledger = result.ledger  # one ledger: restored rows continue in it after a resume
+    if restart is not None and restart.strategy_meta is not None:
+        strategy.load_state(restart.strategy_arrays, restart.strategy_meta)
+        strategy.round_offset = restart.completed_round
+        restore_rng(restart.rng.get("arrays", {}), restart.rng.get("meta", {}))
+        log.info("%s: resuming after round %d of %d", name, restart.completed_round, rounds)
+    if observer is not None:
+        observer.strategy_started(name, rounds)
+        for row in result.rounds:
+            observer.round_finished(name, row)
+
+    def evaluate_fn(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Centralized evaluation on the held-out test set; also closes (and checkpoints) the round's record."""
+        server_round = flower_round + strategy.round_offset
+        if flower_round == 0 and strategy.round_offset:
+            return None  # resumed: the initial evaluation is in the restored results already
+        if server_round > 0 and server_round not in pending:
+            return None  # stopped: this round never trained
+        is_last = server_round == rounds
+        if server_round == 0 or server_round % evaluate_every == 0 or is_last:
+            set_params(model, arrays_to_tensors(arrays))
+            loss, accuracy = evaluate(model, fleet.x_test, fleet.y_test)
+        else:
+            loss, accuracy = float("nan"), float("nan")
+        if server_round == 0:
+            result.initial_accuracy = accuracy
+            return MetricRecord({"accuracy": accuracy, "loss": loss})
+        stats = pending.pop(server_round)
+        row = {"round": server_round, "accuracy": accuracy, "loss": loss,
+               "uplink_bytes": strategy.ledger.total("up", round=server_round),
+               "downlink_bytes": strategy.ledger.total("down", round=server_round),
+               "epsilon": strategy.epsilon, "seconds": strategy.round_seconds(server_round),
+               "train_loss": stats.train_loss, "clients": stats.sampled, "accepted": stats.accepted,
+               "rejected": stats.rejected, "failures": stats.failures, "dropouts": stats.dropouts, "late": stats.late,
+               "kept_old_model": stats.kept_reason is not None, "kept_reason": stats.kept_reason,
+               "largest_norm_ratio": stats.largest_norm_ratio}
+        if server_round in strategy.federated_metrics:
+            row["federated_accuracy"] = strategy.federated_metrics[server_round]["eval_accuracy"]
+        result.rounds.append(row)
+        result.client_metrics[server_round] = stats.client_metrics
+        if results.checkpoint_dir:
+            save_run_checkpoint(results.checkpoint_dir, experiment=experiment, results=results, strategy_index=index,
+                                completed_round=server_round, strategy_state=strategy.state_dict())
+        if observer is not None:
+            observer.round_finished(name, row)
+        log.info("%s round %d/%d: accuracy %.4f, uplink %d B, downlink %d B, %.2f s%s", name, server_round,
+                 rounds, accuracy, row["uplink_bytes"], row["downlink_bytes"], row["seconds"],
+                 f" (kept the old model: {stats.kept_reason})" if stats.kept_reason else "")
+        return MetricRecord({"accuracy": accuracy, "loss": loss})
+
+    started = time.perf_counter()
+    initial = tensors_to_arrays(strategy.params)
+    strategy.start(grid=fleet.grid, initial_arrays=initial, num_rounds=rounds - strategy.round_offset,
+                   evaluate_fn=evaluate_fn)
+    result.wall_seconds += time.perf_counter() - started
+    result.completed = len(result.rounds) == rounds
+    result.stop_reason = strategy.stop_reason
+    if observer is not None:
+        observer.strategy_finished(name, result.final())
+    return result.completed or strategy.stop_reason is not None
 
 
 def make_server_app(experiment: Mapping[str, Any], results: RunResults, observer: Any = None,
