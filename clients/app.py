@@ -1,13 +1,15 @@
 """The fedpower ClientApp: local training, update compression with error feedback, evaluation.
 
 Message contract (server → client, train): ``arrays`` = global model (ArrayRecord), ``config`` =
-ConfigRecord {strategy, server-round, dense, side}, and for shared PowerSGD ``basis`` = one flat
+ConfigRecord {strategy, server-round, dense, side, basis-id}, and for shared PowerSGD ``basis`` = one flat
 float32 array. Reply: ``payload`` = one flat array per dtype, ``metrics`` = MetricRecord
-{num-examples, train_loss, partition-id}. Layouts are derived on both ends, never sent.
+{num-examples, train_loss, partition-id, server-round, basis-id, reply-delay-s}. Layouts are derived
+on both ends, never sent. A client that drops out (``clients/failures.py``) replies with an error.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Mapping
 
@@ -18,11 +20,14 @@ from flwr.clientapp import ClientApp
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
-from fedpower.records import arrays_to_tensors, tensors_to_arrays
+from fedpower.records import arrays_to_tensors
 from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
 
-STATE_PREFIX = "fedpower:"
+from clients.failures import DELAY_METRIC, dropout_reply, reply_delay
+from clients.state_store import StateStore, make_store
+
+log = logging.getLogger("fedpower.client")
 
 
 def partition_id(context: Context) -> int:
@@ -33,17 +38,38 @@ def partition_id(context: Context) -> int:
         raise RuntimeError("node config lacks 'partition-id' (pass --node-config 'partition-id=N')") from err
 
 
-def load_client_state(context: Context, strategy: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-    """This client's persistent codec state (error-feedback residual, warm-start factors) for a strategy."""
-    key = STATE_PREFIX + strategy
-    if key not in context.state:
+def node_device(context: Context, train_cfg: Mapping[str, Any]) -> torch.device:
+    """Where this node trains: node-config ``device``, else $FEDPOWER_DEVICE, else the experiment's train.device."""
+    chosen = str(context.node_config.get("device") or "") or os.environ.get("FEDPOWER_DEVICE") or train_cfg.get(
+        "device", "auto")
+    return pick_device(chosen)
+
+
+def load_client_state(store: StateStore, strategy: str, pid: int, server_round: int,
+                      fresh: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The codec state saved before ``server_round`` if it fits the codec's fresh state, else None.
+
+    A state whose names or shapes differ from ``fresh`` (the model or codec settings changed between
+    runs sharing a state folder) is not usable: the client starts fresh and logs why.
+    """
+    arrays = store.load(strategy, pid, before_round=server_round)
+    if arrays is None:
         return None
-    return arrays_to_tensors(context.state[key], device)
+    expected = {name: tuple(t.shape) for name, t in fresh.items()}
+    found = {name: tuple(a.shape) for name, a in arrays.items()}
+    if found != expected:
+        log.warning("client state of %s (partition %d) does not fit the codec (%d saved arrays, %d expected, or "
+                    "shapes differ); starting from a fresh state", strategy, pid, len(found), len(expected))
+        return None
+    return {name: torch.from_numpy(arr).to(device=device, dtype=fresh[name].dtype) for name, arr in arrays.items()}
 
 
-def save_client_state(context: Context, strategy: str, state: Mapping[str, torch.Tensor]) -> None:
-    """Persist the codec state in the node's Context (kept across rounds, also when rounds are skipped)."""
-    context.state[STATE_PREFIX + strategy] = tensors_to_arrays(state)
+def save_client_state(store: StateStore, strategy: str, pid: int, server_round: int,
+                      state: Mapping[str, torch.Tensor]) -> None:
+    """Persist the codec state of ``server_round`` (kept across rounds, also when rounds are skipped)."""
+    if not state:  # a codec without error feedback or warm start has nothing to keep
+        return
+    store.save(strategy, pid, server_round, {name: t.detach().cpu().numpy() for name, t in state.items()})
 
 
 def state_norm(state: Mapping[str, torch.Tensor]) -> float:
@@ -55,12 +81,13 @@ def state_norm(state: Mapping[str, torch.Tensor]) -> float:
 def client_privacy(privacy: Mapping[str, Any], config: Mapping[str, Any]) -> ClientPrivacy:
     """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the server's)."""
     clip_norm = float(privacy["clip_norm"])
+    clip_feedback = bool(privacy.get("clip_feedback", True))
     if privacy["mode"] != "local":
-        return ClientPrivacy(clip_norm=clip_norm)
+        return ClientPrivacy(clip_norm=clip_norm, clip_feedback=clip_feedback)
     sigma = privacy.get("noise_multiplier")
     if sigma is None:  # calibrated to target_epsilon by the server, which sends it each round
         sigma = config["dp-noise-multiplier"]
-    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm)
+    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm, clip_feedback=clip_feedback)
 
 
 def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
@@ -70,8 +97,10 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
     server_round = int(config["server-round"])
     settings = strategy_settings(experiment, strategy)
     train_cfg, compression = settings["train"], settings["compression"]
-    device = pick_device(os.environ.get("FEDPOWER_DEVICE", train_cfg.get("device", "auto")))
+    device = node_device(context, train_cfg)
     pid = partition_id(context)
+    if (dropped := dropout_reply(msg, train_cfg, int(experiment["seed"]), server_round, pid)) is not None:
+        return dropped  # simulated dropout, before any training or state I/O: the residual stays as it was
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
 
     model = experiment_model(experiment, strategy, dataset).to(device)
@@ -94,9 +123,10 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
                                "left" if side == "left" else "right")
         basis = unpack({"float32": msg.content["basis"]["float32"].numpy()}, blayout, device)
     codec = build_codec(compression, dense=dense, basis=basis, side=side)  # type: ignore[arg-type]
-    state = load_client_state(context, strategy, device)
-    if state is None:
-        state = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
+    fresh = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
+    store = make_store(experiment, context)
+    # Dense rounds (warm-up before compression starts) neither use nor change the codec state.
+    state = fresh if dense else (load_client_state(store, strategy, pid, server_round, fresh, device) or fresh)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     state_norm_in = state_norm(state)
     privacy = settings.get("privacy")
@@ -107,14 +137,14 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
         encoded, new_state, info = private_encode(codec, update, None if dense else state, dp, generator, noise)
         if not dense:
             state = new_state
-            save_client_state(context, strategy, state)
+            save_client_state(store, strategy, pid, server_round, state)
     else:
         info = {}
         if dense:
             encoded, _ = codec.encode(update, None, generator)
         else:
             encoded, state = codec.encode(update, state, generator)
-            save_client_state(context, strategy, state)
+            save_client_state(store, strategy, pid, server_round, state)
     packed = pack(encoded, codec.layout(inputs))
     metrics: dict[str, Any] = {"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
                                "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}
@@ -123,6 +153,9 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
         metrics = {"num-examples": 1, "partition-id": pid}
     elif privacy:
         metrics["update_norm"] = info["clip_norm_in"]  # to a trusted server only: helps choosing C
+    # Echoed so the server can refuse a reply computed for another round or basis; the delay is simulated.
+    metrics.update({"server-round": server_round, "basis-id": int(config.get("basis-id", -1)),
+                    DELAY_METRIC: reply_delay(train_cfg, int(experiment["seed"]), server_round, pid)})
     reply = RecordDict({
         "payload": ArrayRecord({dtype: Array(buf) for dtype, buf in packed.items()}),
         "metrics": MetricRecord(metrics),
@@ -135,7 +168,7 @@ def handle_evaluate(msg: Message, context: Context, experiment: Mapping[str, Any
     config = msg.content["config"]
     strategy = str(config["strategy"])
     settings = strategy_settings(experiment, strategy)
-    device = pick_device(os.environ.get("FEDPOWER_DEVICE", settings["train"].get("device", "auto")))
+    device = node_device(context, settings["train"])
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
     model = experiment_model(experiment, strategy, dataset).to(device)
     set_params(model, arrays_to_tensors(msg.content["arrays"], device))

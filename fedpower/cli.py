@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
     parser.add_argument("--verbose", action="store_true", help="show Flower and Ray logs on the console")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--resume", metavar="DIR", help="continue the run whose output folder is DIR from its last "
+                        "checkpoint (reuses DIR's config; a CONFIG given too must match it)")
     return parser
 
 
@@ -141,6 +143,82 @@ def privacy_summary(experiment: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _differences(saved: Any, given: Any, where: str = "") -> list[str]:
+    """Dotted paths where two resolved configs differ, with both values."""
+    if isinstance(saved, dict) and isinstance(given, dict):
+        out: list[str] = []
+        for key in list(saved) + [k for k in given if k not in saved]:
+            out += _differences(saved.get(key), given.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    if isinstance(saved, list) and isinstance(given, list) and len(saved) == len(given):
+        return [d for i, (a, b) in enumerate(zip(saved, given)) for d in _differences(a, b, f"{where}[{i}]")]
+    return [] if saved == given else [f"{where or 'config'}: {json.dumps(saved, default=str)} then, "
+                                      f"{json.dumps(given, default=str)} now"]
+
+
+def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[str]) -> Any:
+    """The config of the run in ``resume_dir``; a CONFIG (+ --set) given too must resolve to it (ConfigError)."""
+    from fedpower.config import ConfigError, load_config, parse_config
+
+    saved_path = resume_dir / "config.resolved.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume {resume_dir}: no config.resolved.json there; give the output folder (--out) of "
+                          "an earlier run.py run")
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"--resume {resume_dir}: cannot read {saved_path.name} ({err})") from None
+    if config_arg is None:
+        if overrides:
+            raise ConfigError("--resume without CONFIG reuses the saved config, which --set cannot change; a "
+                              "changed experiment is a new run (use --out)")
+        return parse_config(saved, source=str(saved_path))
+    config = load_config(config_arg, overrides)
+    given = config.to_dict()
+    state = given.get("client_state") or {}
+    if state.get("store") == "disk" and not state.get("dir"):  # run.py put it in the output folder
+        state["dir"] = str((resume_dir / "client_state").resolve())
+    differences = _differences(saved, given)
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise ConfigError(f"--resume {resume_dir}: {config_arg} (with its --set values) differs from the config that "
+                          f"run started with: {shown}. Resume with the same config, or without CONFIG to reuse the "
+                          "saved one; a changed experiment is a new run (use --out)")
+    return config
+
+
+def attach_resume_point(results: Any, out_dir: Path, experiment: dict[str, Any], console: Console) -> bool:
+    """Put ``out_dir``'s checkpoint into ``results``; True when that run had finished already.
+
+    Raises CheckpointError (unreadable checkpoint) or ConfigError (a checkpoint of another config).
+    """
+    from fedpower.checkpoint import load_run_checkpoint
+    from fedpower.config import ConfigError
+
+    point = load_run_checkpoint(out_dir)
+    if point is None:
+        console.print(f"[yellow]{escape(str(out_dir))} has no checkpoint yet (no round had finished): starting from "
+                      "round 1.[/]")
+        return False
+    differences = _differences(point.experiment, experiment)
+    if differences:
+        raise ConfigError(f"--resume {out_dir}: checkpoint.npz was written for another config than "
+                          f"config.resolved.json ({'; '.join(differences[:3])}); the folder was changed by hand")
+    results.strategies.update(point.results)  # so that even a resume that fails at once writes complete results
+    if point.finished:
+        console.print("That run had finished; writing its outputs again.")
+        return True
+    results.resume_from = point
+    name = experiment["strategies"][point.strategy_index]["name"]
+    console.print(f"Resuming {escape(name)} after round {point.completed_round}.")
+    logging.getLogger("fedpower").info("resuming %s after round %d from %s", name, point.completed_round, out_dir)
+    if (experiment.get("client_state") or {}).get("store", "memory") != "disk":
+        console.print("[yellow]warning: client_state.store is 'memory', so the clients' error-feedback residuals and "
+                      "warm starts died with the interrupted run; they restart from zero and the metrics will differ "
+                      "from an uninterrupted run. Set client_state: {store: disk} for exact resumes.[/]")
+    return False
+
+
 class StopFlag:
     """First Ctrl-C asks the run to stop after the current round; a second one aborts."""
 
@@ -175,7 +253,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config_path = Path(args.config) if args.config else default_config_path()
     try:
-        config = load_config(config_path, args.overrides)
+        if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ConfigError(f"--resume {args.resume} writes into that folder; drop --out {args.out}")
+        if args.resume:
+            config = resume_config(Path(args.resume), args.config, args.overrides)
+        else:
+            config = load_config(config_path, args.overrides)
     except ConfigError as err:
         err_console.print(f"[bold red]config error:[/] {err}", highlight=False, markup=True)
         return EXIT_USAGE
@@ -204,8 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.out) if args.out else Path("results") / f"{experiment['experiment']}-{stamp}"
+    out_dir = Path(args.resume or args.out or Path("results") / f"{experiment['experiment']}-{stamp}")
     out_dir.mkdir(parents=True, exist_ok=True)
+    client_state = experiment.get("client_state") or {}
+    if client_state.get("store") == "disk" and not client_state.get("dir"):
+        client_state["dir"] = str((out_dir / "client_state").resolve())  # next to the results it belongs to
     (out_dir / "config.resolved.json").write_text(json.dumps(experiment, indent=2, default=str))
     _setup_logging(out_dir, args.verbose)
 
@@ -221,6 +307,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    results.checkpoint_dir = str(out_dir)  # every finished round is checkpointed: the run can be resumed
+    from fedpower.checkpoint import CheckpointError
+
+    try:
+        finished_before = bool(args.resume) and attach_resume_point(results, out_dir, experiment, console)
+    except (CheckpointError, ConfigError) as err:
+        err_console.print(f"[bold red]cannot resume:[/] {escape(str(err))}", highlight=False)
+        return EXIT_USAGE
     names = [s["name"] for s in experiment["strategies"]]
     from fedpower.experiment import strategy_settings
 
@@ -237,8 +331,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         with progress.live:
-            run_simulation_experiment(experiment, results, observer=progress, verbose=args.verbose,
-                                      should_stop=stop)
+            if not finished_before:
+                run_simulation_experiment(experiment, results, observer=progress, verbose=args.verbose,
+                                          should_stop=stop)
     except KeyboardInterrupt:
         console.print("[yellow]Aborted; writing the results so far.[/]")
     except Exception as err:  # noqa: BLE001 - report, keep partial results, exit 1

@@ -34,13 +34,16 @@ from fedpower.config_errors import (
 
 __all__ = [
     "ConfigError",
+    "ClientStateConfig",
     "CompressionConfig",
     "DataConfig",
     "DownlinkConfig",
     "ExperimentConfig",
+    "FailuresConfig",
     "ModelConfig",
     "PartitionConfig",
     "PrivacyConfig",
+    "RobustnessConfig",
     "ServerOptimizerConfig",
     "SimulationConfig",
     "StrategyConfig",
@@ -125,6 +128,35 @@ class ServerOptimizerConfig(_Model):
     eps: float = Field(1e-3, gt=0)  # adam/yogi: adaptivity tau, as Flower's FedAdam/FedYogi
 
 
+class FailuresConfig(_Model):
+    """Simulated client failures in training rounds: dropouts, and stragglers against a round deadline.
+
+    Decisions are seeded per (experiment seed, round, partition): every strategy with the same settings
+    loses the same clients, and a rerun or a resumed run loses them again.
+    """
+
+    dropout: float = Field(0.0, ge=0, lt=1)  # chance that a sampled client dies before replying (no state saved)
+    straggler_fraction: float = Field(0.0, ge=0, le=1)  # chance that a replying client is slow
+    straggler_delay_s: float = Field(2.0, gt=0)  # mean extra delay of a slow client (exponential), simulated seconds
+    round_deadline_s: Optional[float] = Field(None, gt=0)  # replies later than this are dropped; null: no deadline
+
+    @model_validator(mode="after")
+    def _deadline_for_stragglers(self) -> "FailuresConfig":
+        """Slow clients only matter against a deadline."""
+        if self.straggler_fraction > 0 and self.round_deadline_s is None:
+            raise ConfigIssues([(("round_deadline_s",), "straggler_fraction is set but round_deadline_s is null, so "
+                                 "slow replies would still all be used; set round_deadline_s (simulated seconds) or "
+                                 "straggler_fraction: 0")])
+        return self
+
+
+class RobustnessConfig(_Model):
+    """Server-side defences applied to every training round (not under central DP, which clips instead)."""
+
+    max_norm_ratio: Optional[float] = Field(100.0, gt=1)  # reject replies with norm > this × the round's median
+    min_valid_clients: int = Field(1, ge=1)  # fewer valid contributions in a round: keep the old model
+
+
 class TrainConfig(_Model):
     """Rounds, client sampling, local training and the server optimizer."""
 
@@ -141,6 +173,8 @@ class TrainConfig(_Model):
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     evaluate_every: int = Field(1, ge=1)  # rounds between evaluations of the global model
     federated_evaluation: bool = False  # also evaluate on the clients' local data
+    failures: FailuresConfig = Field(default_factory=FailuresConfig)  # simulated dropouts and stragglers
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)  # norm bound, minimum clients
 
     @model_validator(mode="before")
     @classmethod
@@ -170,10 +204,43 @@ class TrainConfig(_Model):
 class SimulationConfig(_Model):
     """Resources of the Flower simulation engine."""
 
-    num_cpus_per_client: float = Field(1.0, gt=0)
+    num_cpus_per_client: float = Field(1.0, gt=0)  # Ray CPU share of one client; actors = CPUs / this
     num_gpus_per_client: float = Field(0.0, ge=0)  # fractional GPUs let clients share one
-    ray_address: Optional[str] = None  # an existing Ray cluster; null starts a local one
-    max_concurrent_clients: Optional[int] = Field(None, ge=1)  # null: as many as resources allow
+    ray_address: Optional[str] = None  # an existing Ray cluster ("auto" or "HOST:PORT"); null starts a local one
+    max_concurrent_clients: Optional[int] = Field(None, ge=1)  # null: one per CPU core of this machine
+    object_store_memory_mb: Optional[int] = Field(None, ge=80)  # Ray's shared-memory object store; null: 512
+    ray_init_args: dict[str, Any] = Field(default_factory=dict)  # extra ray.init() keywords (local Ray only)
+
+    @model_validator(mode="after")
+    def _local_only(self) -> "SimulationConfig":
+        """Resource sizes of a local Ray instance cannot be applied to a cluster that already runs."""
+        if self.ray_address and (self.object_store_memory_mb is not None or self.ray_init_args):
+            field = "object_store_memory_mb" if self.object_store_memory_mb is not None else "ray_init_args"
+            raise ConfigIssues([((field,), "sizes a local Ray instance, but ray_address "
+                                 f"'{self.ray_address}' attaches to a running cluster (size it with `ray start`); "
+                                 f"remove one of them")])
+        return self
+
+
+class ClientStateConfig(_Model):
+    """Where clients keep their error-feedback residual and warm-start factors between rounds."""
+
+    store: Literal["memory", "disk"] = "memory"  # memory: Flower's Context.state (lost on restart); disk: .npz files
+    dir: Optional[str] = None  # disk: folder (relative to the YAML file); null under run.py: <out>/client_state
+    dtype: Literal["float32", "float16"] = "float32"  # float16 halves memory/disk, lossy (~5e-4 relative)
+
+    @model_validator(mode="after")
+    def _dir_for_disk(self, info: ValidationInfo) -> "ClientStateConfig":
+        """A folder only makes sense for the disk store; resolve it against the YAML file's folder."""
+        if self.dir is not None and self.store != "disk":
+            raise ConfigIssues([(("dir",), "client_state.dir is set but client_state.store is 'memory'; set "
+                                 "store: disk to keep client state in that folder, or remove dir")])
+        if self.dir is not None:
+            if not self.dir.strip():
+                raise ConfigIssues([(("dir",), "client_state.dir is empty; give a folder or null")])
+            base = Path((info.context or {}).get("base_dir") or ".")
+            self.dir = str((base / Path(self.dir).expanduser()).resolve())
+        return self
 
 
 class DownlinkConfig(_Model):
@@ -199,6 +266,7 @@ class CompressionConfig(_Model):
     ratio: float = Field(0.01, gt=0, le=1)  # topk: share of entries sent
     error_feedback: bool = True  # client keeps the compression residual and adds it next round
     start_after_rounds: int = Field(0, ge=0)  # dense rounds before compression starts
+    basis_memory: float = Field(0.0, ge=0, lt=1)  # powersgd shared: decay of the server's update sum the basis tracks
     downlink: DownlinkConfig = Field(default_factory=DownlinkConfig)
 
     @property
@@ -213,6 +281,9 @@ class CompressionConfig(_Model):
         if self.method == "powersgd" and self.mode == "shared" and self.deflation:
             issues.append((("deflation",), "deflation works only with mode 'independent' (the shared basis is "
                            "updated one half-step per round); set deflation: false or mode: independent"))
+        if self.basis_memory > 0 and not (self.method == "powersgd" and self.mode == "shared"):
+            issues.append((("basis_memory",), "basis_memory applies to method 'powersgd' with mode 'shared' (the "
+                           "server-side basis); set it to 0 or use mode: shared"))
         if self.quantize_bits is not None and self.method in ("none", "fp16", "int8"):
             dense = {"none": "no compression", "fp16": "dense fp16", "int8": "dense int8"}[self.method]
             issues.append((("quantize_bits",), f"method '{self.method}' means {dense}; quantize_bits applies to "
@@ -240,6 +311,7 @@ class PrivacyConfig(_Model):
     accountant: Literal["rdp", "pld"] = "rdp"
     on_budget_exceeded: Literal["stop", "error"] = "stop"  # stop before exceeding the budget, or refuse to start
     noise_seed: Optional[int] = Field(None, ge=0)  # reproducible noise, experiments only (null: OS entropy)
+    clip_feedback: bool = True  # error feedback keeps what clipping cut off (false: only the compression error)
 
     @model_validator(mode="after")
     def _noise_given(self) -> "PrivacyConfig":
@@ -280,7 +352,10 @@ def _partial(model: type[_Model], nested: dict[str, type[BaseModel]] | None = No
 
 
 ServerOptimizerOverride = _partial(ServerOptimizerConfig)
-TrainOverride = _partial(TrainConfig, {"server_optimizer": ServerOptimizerOverride})
+FailuresOverride = _partial(FailuresConfig)
+RobustnessOverride = _partial(RobustnessConfig)
+TrainOverride = _partial(TrainConfig, {"server_optimizer": ServerOptimizerOverride, "failures": FailuresOverride,
+                                       "robustness": RobustnessOverride})
 ModelOverride = _partial(ModelConfig)
 
 
@@ -314,6 +389,7 @@ class ExperimentConfig(_Model):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    client_state: ClientStateConfig = Field(default_factory=ClientStateConfig)  # per-client codec state storage
     strategies: list[StrategyConfig] = Field(min_length=1)  # compared on identical data
 
     def strategy(self, name: str) -> StrategyConfig:

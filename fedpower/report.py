@@ -32,14 +32,14 @@ def environment_info() -> dict[str, Any]:
     return info
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/Inf are not JSON: they become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -54,7 +54,7 @@ def write_results(results: RunResults, out_dir: Path) -> Path:
     """results.json (DESIGN.md §5 schema)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
-    _atomic_write(path, json.dumps(_json_safe(results.to_dict()), indent=2))
+    _atomic_write(path, json.dumps(json_safe(results.to_dict()), indent=2))
     return path
 
 

@@ -18,7 +18,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedpower.app_config import experiment_from_run_config, output_dir
-from fedpower.report import _json_safe, environment_info, write_csv, write_plots, write_results
+from fedpower.report import json_safe, environment_info, write_csv, write_plots, write_results
 from fedpower.results import RunResults
 from strategies.server import run_strategies
 
@@ -55,7 +55,7 @@ class ResultsWriter:
                    for name, s in self.results.strategies.items()}
         path = self.out_dir / "client_metrics.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(_json_safe(metrics), indent=1))
+        tmp.write_text(json.dumps(json_safe(metrics), indent=1))
         tmp.replace(path)
         if final:
             write_csv(self.results, self.out_dir)

