@@ -29,13 +29,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Literal, Mapping, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, RecordDict
+
+from fedpower.atomic import atomic_savez
 
 log = logging.getLogger("fedpower.client.state")
 
@@ -192,21 +193,10 @@ class DiskStore:
         folder = self.folder(strategy, partition)
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"round-{int(server_round):08d}.npz"
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".npz.part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **encoded)
-                fh.flush()
-                os.fsync(fh.fileno())  # the data must be on disk before the rename makes it visible
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(folder)  # make the rename itself survive a power cut
+        atomic_savez(target, encoded, prefix=".tmp-")
         _prune(self._versions(folder), server_round, lambda path: path.unlink(missing_ok=True))
         for stale in folder.glob(".tmp-*.npz.part"):  # left by a crash between write and replace
-            if stale.name != Path(tmp_name).name:
-                stale.unlink(missing_ok=True)
+            stale.unlink(missing_ok=True)
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -224,20 +214,6 @@ def _set_aside(path: Path, why: str) -> None:
         os.replace(path, aside)
     except OSError:
         pass  # read-only or already gone: the next load warns again, which is the honest outcome
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a directory entry (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def make_store(experiment: Mapping[str, Any], context: Context) -> MemoryStore | DiskStore:

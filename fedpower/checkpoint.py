@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from fedpower.atomic import atomic_savez
 from fedpower.ledger import Ledger, Transfer
 from fedpower.results import RunResults, StrategyResult
 
@@ -128,17 +128,7 @@ def write_checkpoint(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarr
     target.parent.mkdir(parents=True, exist_ok=True)
     document = np.frombuffer(json.dumps(meta, allow_nan=True).encode("utf-8"), dtype=np.uint8)
     payload = {_META: document, **{k: np.ascontiguousarray(v) for k, v in arrays.items()}}
-    fd, tmp_name = tempfile.mkstemp(prefix=".checkpoint-", suffix=".npz.part", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **payload)
-            fh.flush()
-            os.fsync(fh.fileno())  # the bytes must be on disk before the rename makes them the checkpoint
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(target.parent)
+    atomic_savez(target, payload, prefix=".checkpoint-")
     return target
 
 
@@ -160,20 +150,6 @@ def read_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray]
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {meta.get('version')}; this fedpower reads {VERSION}")
     return arrays, meta
-
-
-def _fsync_dir(folder: Path) -> None:
-    """fsync a directory entry so the rename survives a power cut (a no-op where unsupported)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- a run --------------------------------------------------------------------------------------------
