@@ -32,8 +32,6 @@ import argparse
 import datetime as _dt
 import json
 import math
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,6 +40,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, save_figure, write_json  # noqa: E402  (sibling module)
+
 DEFAULT_CONFIG = ROOT / "configs" / "mnist1d_compare.yaml"
 DEFAULT_RUN_DIR = ROOT / "results" / "bytes_to_accuracy"  # gitignored: the full run (ledger.csv, logs, plots)
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -315,29 +316,7 @@ def plot(results: Mapping[str, Any], threshold: float, path: Path) -> None:
                  f"{results['config']['data']['num_clients']} clients, "
                  f"{results['config']['train']['clients_per_round']} per round", fontsize=11)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the benchmark ran."""
-    info: dict[str, Any] = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                            "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    for module in ("torch", "flwr"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - just not reported
-            info[module] = None
-    return info
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,9 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "markdown": {"table": table, "structure": structure},
     }
     out_json = args.results_dir / "bytes_to_accuracy.json"
-    tmp = out_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, out_json)
+    write_json(doc, out_json)
 
     print(table)
     print()

@@ -30,7 +30,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import os
 import sys
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +40,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bytes_to_accuracy import machine_info, run_experiment  # noqa: E402  (sibling benchmark script)
+from bytes_to_accuracy import run_experiment  # noqa: E402  (sibling benchmark scripts)
+from common import machine_info, save_figure, write_json  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "dp_compare.yaml"
 DEFAULT_RUN_DIR = ROOT / "results" / "privacy_utility"  # gitignored: the full run
@@ -226,10 +226,7 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], title: str, path: Pa
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,9 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         "epsilons": epsilons, "rows": rows, "target": target, "markdown": {"table": table},
     }
     out_json = args.results_dir / "privacy_utility.json"
-    tmp = out_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, out_json)
+    write_json(doc, out_json)
 
     print(table)
     print()

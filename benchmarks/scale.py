@@ -37,7 +37,6 @@ import datetime as _dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,9 @@ from typing import Any, Callable, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages come first
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_info, save_figure, write_json  # noqa: E402  (sibling module)
+
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -545,28 +547,7 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def machine_info() -> dict[str, Any]:
-    """Where the benchmark ran."""
-    info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0]}
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info["cpu_model"] = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), None)
-        with open("/proc/meminfo") as fh:
-            info["mem_total_gib"] = round(int(fh.readline().split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    for module in ("torch", "flwr", "ray"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - just not reported
-            info[module] = None
-    return info
+    save_figure(fig, path)
 
 
 def pregenerate(experiments: Sequence[Mapping[str, Any]]) -> None:
@@ -619,7 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "benchmark": "scale", "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "command": " ".join(["benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine_info(),
+        "machine": machine_info(("torch", "flwr", "ray")),
         "note": "2 CPU cores shared with other jobs during the run: timings are noisy; ratios are taken "
                 "within the same run",
         "setup": {"rounds": args.rounds, "clients_per_round": args.clients_per_round, "local_epochs": 1,
@@ -646,9 +627,7 @@ def main(argv: list[str] | None = None) -> int:
     png = args.results_dir / "scale.png"
     plot(doc, png)
     out_json = args.results_dir / "scale.json"
-    tmp = out_json.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=str))
-    os.replace(tmp, out_json)
+    write_json(doc, out_json)
     print(doc["markdown"])
     print(f"wrote {out_json}, {png} in {doc['wall_seconds'] / 60:.1f} min")
     return 0
