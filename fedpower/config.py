@@ -38,6 +38,8 @@ __all__ = [
     "CompressionConfig",
     "DataConfig",
     "DownlinkConfig",
+    "LinkConfig",
+    "NetworkConfig",
     "ExperimentConfig",
     "FailuresConfig",
     "ModelConfig",
@@ -139,6 +141,9 @@ class FailuresConfig(_Model):
     straggler_fraction: float = Field(0.0, ge=0, le=1)  # chance that a replying client is slow
     straggler_delay_s: float = Field(2.0, gt=0)  # mean extra delay of a slow client (exponential), simulated seconds
     round_deadline_s: Optional[float] = Field(None, gt=0)  # replies later than this are dropped; null: no deadline
+    # Real deployments: a sampled SuperNode that is offline (a device rebooting) is waited for this long
+    # before the round's messages go out; one still offline then gets its message anyway and counts as failed.
+    rejoin_wait_s: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
     def _deadline_for_stragglers(self) -> "FailuresConfig":
@@ -380,6 +385,55 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+class LinkConfig(_Model):
+    """A client's network link: sustained rates in Mbit/s and one-way latency."""
+
+    uplink_mbps: float = Field(gt=0)  # client → server
+    downlink_mbps: float = Field(gt=0)  # server → client
+    latency_ms: float = Field(0.0, ge=0)  # one way; paid once down and once up per round
+
+
+class NetworkConfig(_Model):
+    """Simulated links for the report: communication time per round and time to a target accuracy.
+
+    Pure accounting from the ledger's wire bytes (nothing sleeps). Give ``profile`` (one link for every
+    client) or ``mix`` (profile name → fraction of the clients), not both.
+    """
+
+    profile: Optional[str] = None  # one link for all: a built-in name (4g, 3g, nb-iot, ...) or one under profiles
+    mix: Optional[dict[str, float]] = None  # heterogeneous clients: {4g: 0.7, nb-iot: 0.3}; fractions sum to 1
+    profiles: dict[str, LinkConfig] = Field(default_factory=dict)  # your own named links
+    compute_s: float = Field(0.0, ge=0)  # simulated local training time per client and round
+    target_accuracy: Optional[float] = Field(None, gt=0, le=1)  # null: the best accuracy every strategy reached
+
+    @model_validator(mode="after")
+    def _known_profiles(self) -> "NetworkConfig":
+        """One of profile/mix; every name known; fractions in (0, 1] summing to 1."""
+        from fedpower.network import PROFILES
+
+        known = sorted({*PROFILES, *self.profiles})
+        issues: list[tuple[Loc, str]] = []
+        if self.profile is not None and self.mix:
+            issues.append((("mix",), "set either network.profile or network.mix, not both"))
+        if self.profile is None and not self.mix:
+            issues.append((("profile",), "give network.profile (e.g. 4g) or network.mix (e.g. {4g: 0.7, nb-iot: 0.3})"))
+        names = [("profile", self.profile)] if self.profile is not None else []
+        names += [("mix", name) for name in (self.mix or {})]
+        for where, name in names:
+            if name not in known:
+                issues.append(((where,), f"unknown network profile {name!r}{suggest(name, known)}; "
+                                         f"known: {', '.join(known)} (or define it under network.profiles)"))
+        if self.mix:
+            bad = [n for n, f in self.mix.items() if not 0 < f <= 1]
+            if bad:
+                issues.append((("mix",), f"fractions must be in (0, 1]; check {', '.join(bad)}"))
+            elif abs(sum(self.mix.values()) - 1) > 1e-6:
+                issues.append((("mix",), f"fractions sum to {sum(self.mix.values()):g}, not 1"))
+        if issues:
+            raise ConfigIssues(issues)
+        return self
+
+
 class ExperimentConfig(_Model):
     """A whole experiment: every strategy runs on identical data, partitions, sampling and seeds."""
 
@@ -390,6 +444,7 @@ class ExperimentConfig(_Model):
     train: TrainConfig = Field(default_factory=TrainConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     client_state: ClientStateConfig = Field(default_factory=ClientStateConfig)  # per-client codec state storage
+    network: Optional[NetworkConfig] = None  # simulated links: communication time in the report (null: off)
     strategies: list[StrategyConfig] = Field(min_length=1)  # compared on identical data
 
     def strategy(self, name: str) -> StrategyConfig:

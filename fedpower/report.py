@@ -17,7 +17,8 @@ from fedpower.results import RunResults
 
 ROUND_COLUMNS = ["strategy", "round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes",
                  "cumulative_uplink_bytes", "cumulative_downlink_bytes", "epsilon", "seconds", "clients", "accepted",
-                 "rejected", "failures", "dropouts", "late", "kept_old_model", "kept_reason", "largest_norm_ratio"]
+                 "rejected", "failures", "dropouts", "late", "kept_old_model", "kept_reason", "largest_norm_ratio",
+                 "sim_seconds", "cumulative_sim_seconds"]
 
 
 def environment_info() -> dict[str, Any]:
@@ -59,13 +60,22 @@ def write_results(results: RunResults, out_dir: Path) -> Path:
 
 
 def metric_rows(results: RunResults) -> Iterable[dict[str, Any]]:
-    """Tidy rows: one per strategy and round, with cumulative bytes."""
+    """Tidy rows: one per strategy and round, with cumulative bytes (and simulated link time, if configured)."""
+    network = results.network()
     for strategy in results.strategies.values():
         up = down = 0
+        elapsed = 0.0
+        times = network["strategies"][strategy.name]["round_seconds"] if network else {}
         for row in strategy.rounds:
             up += row["uplink_bytes"]
             down += row["downlink_bytes"]
-            yield {"strategy": strategy.name, **row, "cumulative_uplink_bytes": up, "cumulative_downlink_bytes": down}
+            extra: dict[str, Any] = {}
+            if network:
+                extra["sim_seconds"] = times.get(str(row["round"]), 0.0)
+                elapsed += extra["sim_seconds"]
+                extra["cumulative_sim_seconds"] = elapsed
+            yield {"strategy": strategy.name, **row, "cumulative_uplink_bytes": up, "cumulative_downlink_bytes": down,
+                   **extra}
 
 
 def write_csv(results: RunResults, out_dir: Path) -> list[Path]:
@@ -132,7 +142,42 @@ def write_plots(results: RunResults, out_dir: Path) -> list[Path]:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=6, ncol=2)
     paths.append(_save(fig, out_dir / "bytes_per_round.png"))
+
+    network = results.network()
+    if network is not None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in names:
+            ax.plot(series(name, "cumulative_sim_seconds"),
+                    [100 * (a if a is not None else math.nan) for a in series(name, "accuracy")], label=name,
+                    marker=".")
+        target = network["target_accuracy"]
+        if target is not None:
+            ax.axhline(100 * target, color="grey", linestyle=":", label=f"target {100 * target:.1f} %")
+        ax.set_xscale("log")
+        ax.set(xlabel="simulated communication time (s, log scale)", ylabel="test accuracy (%)",
+               title=f"accuracy vs time on {describe_network(results.config['network'])}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / "accuracy_vs_time.png"))
     return paths
+
+
+def describe_network(network: dict[str, Any]) -> str:
+    """'4g' or '70 % 4g + 30 % nb-iot', for titles and tables."""
+    if network.get("mix"):
+        return " + ".join(f"{100 * f:.0f} % {name}" for name, f in network["mix"].items())
+    return str(network.get("profile"))
+
+
+def human_seconds(seconds: float | None) -> str:
+    """3725 → '1.03 h'; None → '-'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -162,10 +207,15 @@ def _pct(value: float | None) -> str:
 
 
 def comparison_table(results: RunResults) -> Table:
-    """The final rich table: one row per strategy."""
+    """The final rich table: one row per strategy (with simulated link times when the config has ``network``)."""
     table = Table(title=f"{results.experiment}: comparison", header_style="bold")
-    for col in ("strategy", "final acc %", "best acc %", "uplink", "downlink", "up saving", "down saving", "ε",
-                "rejected", "failed", "kept", "wall s"):
+    network = results.network()
+    columns = ["strategy", "final acc %", "best acc %", "uplink", "downlink", "up saving", "down saving", "ε",
+               "rejected", "failed", "kept", "wall s"]
+    if network is not None:
+        target = network["target_accuracy"]
+        columns += ["link time", f"time to {_pct(target)} %"]
+    for col in columns:
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for strategy in results.strategies.values():
         final = strategy.final()
@@ -177,8 +227,18 @@ def comparison_table(results: RunResults) -> Table:
             f"{ratio_up:.1f}×" if ratio_up else "-", f"{ratio_down:.2f}×" if ratio_down else "-",
             "-" if final["epsilon"] is None else f"{final['epsilon']:.2f}",
             str(final["rejected_payloads"]), str(final["client_failures"]), str(final["rounds_kept_old_model"]),
-            f"{final['wall_seconds']:.1f}")
+            f"{final['wall_seconds']:.1f}", *(_network_cells(network, strategy.name) if network else ()))
+    if network is not None:
+        table.caption = f"link time: simulated on {describe_network(results.config['network'])} from the wire bytes"
     return table
+
+
+def _network_cells(network: dict[str, Any], name: str) -> tuple[str, str]:
+    """(total simulated link time, time to the target accuracy) of one strategy."""
+    entry = network["strategies"][name]
+    reached = entry["to_target"]
+    to_target = "not reached" if reached["seconds"] is None else f"{human_seconds(reached['seconds'])} (r{reached['round']})"
+    return human_seconds(entry["total_seconds"]), to_target
 
 
 def markdown_table(results: RunResults) -> str:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedpower.ledger import Ledger
+from fedpower.network import network_summary
 
 
 class RunObserver(Protocol):
@@ -83,7 +84,19 @@ class RunResults:
         """The (possibly new) result entry of a strategy."""
         return self.strategies.setdefault(name, StrategyResult(name))
 
+    def network(self) -> dict[str, Any] | None:
+        """Simulated communication times under the config's ``network`` links (None when it has none)."""
+        links = self.config.get("network")
+        if not links:
+            return None
+        return network_summary({name: (s.ledger, s.rounds) for name, s in self.strategies.items()}, links,
+                               int(self.config["data"]["num_clients"]), int(self.config.get("seed", 0)))
+
     def to_dict(self) -> dict[str, Any]:
-        """The results.json document."""
-        return {"experiment": self.experiment, "config": self.config,
-                "strategies": [s.to_dict() for s in self.strategies.values()], "environment": self.environment}
+        """The results.json document (plus ``network`` when the config simulates links)."""
+        document = {"experiment": self.experiment, "config": self.config,
+                    "strategies": [s.to_dict() for s in self.strategies.values()], "environment": self.environment}
+        network = self.network()
+        if network is not None:
+            document["network"] = network
+        return document

@@ -63,7 +63,7 @@ class CompressedFedAvg(FedAvg):
         node_partitions: Mapping[int, int] | None = None, federated_evaluation: bool = False,
         min_valid_clients: int = 1, on_round: Callable[[RoundStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None, privacy: PrivacyPlan | None = None,
-        max_norm_ratio: float | None = None, round_deadline_s: float | None = None,
+        max_norm_ratio: float | None = None, round_deadline_s: float | None = None, rejoin_wait_s: float = 0.0,
     ) -> None:
         # Sampling and evaluation are driven by our own hooks; these only satisfy FedAvg's checks.
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_available_nodes=1, min_train_nodes=1)
@@ -79,6 +79,7 @@ class CompressedFedAvg(FedAvg):
         self.min_valid_clients = min_valid_clients
         self.max_norm_ratio = max_norm_ratio  # reject replies with norm > this × the round's median (None: off)
         self.round_deadline_s = round_deadline_s  # replies with a larger simulated delay count as late
+        self.rejoin_wait_s = rejoin_wait_s  # how long to wait for sampled nodes that are offline (rebooting)
         self.round_offset = 0  # rounds done before a resume: Flower's loop restarts at 1, our rounds do not
         self.on_round = on_round
         self.should_stop = should_stop or (lambda: False)
@@ -150,6 +151,7 @@ class CompressedFedAvg(FedAvg):
         if not self._budget_allows(server_round, cohort):
             return []
         self._cohorts[server_round] = cohort
+        self._wait_until_online(grid, nodes, server_round)
         self._round_started[server_round] = time.perf_counter()
         dense = self.is_dense_round(server_round)
         self._round_codec = self.round_codec(server_round)
@@ -171,6 +173,26 @@ class CompressedFedAvg(FedAvg):
             self.ledger.record(Transfer(server_round, self.node_partitions.get(node, -1), "down", down_payload,
                                         down_wire, self.dense_bytes))
         return [Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+
+    def _wait_until_online(self, grid: Grid, nodes: list[int], server_round: int) -> None:
+        """Give sampled nodes that are offline (e.g. a SuperNode restarting) up to ``rejoin_wait_s`` to return.
+
+        Why: a message to an offline node comes back as an error, so a device that reboots between
+        its rounds would lose its next round although it is back seconds later.
+        """
+        if self.rejoin_wait_s <= 0 or not nodes:
+            return
+        deadline = time.monotonic() + self.rejoin_wait_s
+        missing = set(nodes) - set(grid.get_node_ids())
+        if missing:
+            log.info("%s round %d: waiting up to %.0f s for %d offline node(s) to rejoin", self.name, server_round,
+                     self.rejoin_wait_s, len(missing))
+        while missing and time.monotonic() < deadline:
+            time.sleep(0.5)
+            missing -= set(grid.get_node_ids())
+        if missing:
+            log.warning("%s round %d: %d sampled node(s) still offline after %.0f s; their replies will fail",
+                        self.name, server_round, len(missing), self.rejoin_wait_s)
 
     def _check_ids(self, metrics: Any, server_round: int) -> None:
         """Refuse a reply computed for another round or another shared basis (stale, replayed or misrouted)."""

@@ -137,7 +137,7 @@ def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
         node_partitions=fleet.partitions_by_node,
         federated_evaluation=bool(train.get("federated_evaluation", False)),
         min_valid_clients=int(robustness.get("min_valid_clients", 1)), max_norm_ratio=robustness.get("max_norm_ratio"),
-        round_deadline_s=failures.get("round_deadline_s"),
+        round_deadline_s=failures.get("round_deadline_s"), rejoin_wait_s=float(failures.get("rejoin_wait_s", 30.0)),
         on_round=lambda stats: pending.__setitem__(stats.round, stats), should_stop=should_stop, privacy=plan)
     strategy.ledger = result.ledger  # one ledger: restored rows continue in it after a resume
     if restart is not None and restart.strategy_meta is not None:

@@ -51,14 +51,18 @@ def _metrics(results: dict) -> list:
 
 @pytest.mark.slow
 def test_run_writes_results_and_is_deterministic(tiny: Path, tmp_path: Path) -> None:
-    """Exit 0, results.json per the DESIGN schema, CSV and PNGs; same seed → same metrics."""
-    outs = []
+    """Exit 0, results.json per the DESIGN schema, CSV and PNGs; same seed → same metrics.
+
+    The second run also simulates 3g links: the same metrics plus link times in the report.
+    """
+    outs, stdouts = [], []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        proc = run_cli(str(tiny), "--out", str(out))
+        proc = run_cli(str(tiny), "--out", str(out), *(["--set", "network.profile=3g"] if i else []))
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "Traceback" not in proc.stdout + proc.stderr
         outs.append(out)
+        stdouts.append(proc.stdout)
     results = json.loads((outs[0] / "results.json").read_text())
     assert results["experiment"] == "tiny" and results["config"]["seed"] == 3 and "environment" in results
     assert [s["name"] for s in results["strategies"]] == ["fedavg", "psgd"]
@@ -82,6 +86,15 @@ def test_run_writes_results_and_is_deterministic(tiny: Path, tmp_path: Path) -> 
     assert (outs[0] / "run.log").exists()
     again = json.loads((outs[1] / "results.json").read_text())
     assert _metrics(again) == _metrics(results)
+    assert "network" not in results and "link time" not in stdouts[0]
+    network = again["network"]
+    for name in ("fedavg", "psgd"):
+        times = network["strategies"][name]["round_seconds"]
+        assert set(times) == {"1", "2"} and all(t > 0 for t in times.values())
+    assert network["strategies"]["psgd"]["total_seconds"] < network["strategies"]["fedavg"]["total_seconds"]
+    assert "link time" in stdouts[1] and (outs[1] / "accuracy_vs_time.png").stat().st_size > 1000
+    with (outs[1] / "metrics.csv").open() as fh:
+        assert float(list(csv.DictReader(fh))[-1]["cumulative_sim_seconds"]) > 0
 
 
 BAD = [

@@ -180,6 +180,39 @@ def test_too_few_valid_clients_keep_the_old_model() -> None:
     assert len(ups) == 2  # bytes of the on-time and the late reply were spent; dropouts sent nothing
 
 
+class _RebootingGrid:
+    """A grid on which one node is offline for the first ``offline_calls`` get_node_ids() calls."""
+
+    def __init__(self, offline_node: int, offline_calls: int) -> None:
+        self.offline_node, self.offline_calls, self.calls = offline_node, offline_calls, 0
+
+    def get_node_ids(self) -> list[int]:
+        """Online nodes, as the SuperLink reports them."""
+        self.calls += 1
+        online = sorted(NODES)
+        return [n for n in online if n != self.offline_node] if self.calls <= self.offline_calls else online
+
+
+def test_round_waits_for_a_rebooting_node_but_not_forever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sampled node that is offline is waited for (bounded by rejoin_wait_s), then the round goes out."""
+    clock = [0.0]
+    monkeypatch.setattr("strategies.compressed.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("strategies.compressed.time.sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    arrays = ArrayRecord({k: Array(v.numpy()) for k, v in _params().items()})
+    node = sorted(NODES)[2]
+    back = _RebootingGrid(node, offline_calls=4)  # online again after 1.5 s of waiting
+    messages = list(_strategy(rejoin_wait_s=30.0).configure_train(1, arrays, ConfigRecord(), back))  # type: ignore[arg-type]
+    assert back.calls == 5 and clock[0] == pytest.approx(2.0)
+    assert sorted(m.metadata.dst_node_id for m in messages) == sorted(NODES)
+    clock[0] = 0.0
+    gone = _RebootingGrid(node, offline_calls=10**6)
+    messages = list(_strategy(rejoin_wait_s=3.0).configure_train(1, arrays, ConfigRecord(), gone))  # type: ignore[arg-type]
+    assert clock[0] == pytest.approx(3.0) and len(messages) == len(NODES)  # sent anyway: its reply fails
+    quiet = _RebootingGrid(node, offline_calls=10**6)
+    list(_strategy(rejoin_wait_s=0.0).configure_train(1, arrays, ConfigRecord(), quiet))  # type: ignore[arg-type]
+    assert quiet.calls == 0  # off: no waiting, not even a query
+
+
 def test_failure_draws_are_seeded_coupled_and_at_the_configured_rate() -> None:
     """Same (seed, round, partition) → same fate; a client dropped at 0.3 is dropped at 0.5; rates match."""
     settings = {"dropout": 0.3, "straggler_fraction": 0.2, "straggler_delay_s": 2.0, "round_deadline_s": 1.0}
