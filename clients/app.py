@@ -9,6 +9,7 @@ on both ends, never sent. A client that drops out (``clients/failures.py``) repl
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any, Mapping
@@ -55,13 +56,19 @@ def load_client_state(store: StateStore, strategy: str, pid: int, server_round: 
     arrays = store.load(strategy, pid, before_round=server_round)
     if arrays is None:
         return None
-    expected = {name: tuple(t.shape) for name, t in fresh.items()}
-    found = {name: tuple(a.shape) for name, a in arrays.items()}
+    # A warm-start Q may have another column count when ranks were re-allocated; the codec refits it.
+    expected = {name: _row_shape(name, tuple(t.shape)) for name, t in fresh.items()}
+    found = {name: _row_shape(name, tuple(a.shape)) for name, a in arrays.items()}
     if found != expected:
         log.warning("client state of %s (partition %d) does not fit the codec (%d saved arrays, %d expected, or "
                     "shapes differ); starting from a fresh state", strategy, pid, len(found), len(expected))
         return None
     return {name: torch.from_numpy(arr).to(device=device, dtype=fresh[name].dtype) for name, arr in arrays.items()}
+
+
+def _row_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape used to match saved state to the codec: a PowerSGD warm start ``*.Q`` only by its rows."""
+    return shape[:1] if name.endswith(".Q") and len(shape) == 2 else shape
 
 
 def save_client_state(store: StateStore, strategy: str, pid: int, server_round: int,
@@ -122,7 +129,8 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
         blayout = basis_layout(inputs, compression.get("rank", 4), compression.get("min_compression_rate", 2.0),
                                "left" if side == "left" else "right")
         basis = unpack({"float32": msg.content["basis"]["float32"].numpy()}, blayout, device)
-    codec = build_codec(compression, dense=dense, basis=basis, side=side)  # type: ignore[arg-type]
+    ranks = json.loads(str(config["ranks"])) if "ranks" in config else None  # a byte-budget allocation
+    codec = build_codec(compression, dense=dense, basis=basis, side=side, ranks=ranks)  # type: ignore[arg-type]
     fresh = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
     store = make_store(experiment, context)
     # Dense rounds (warm-up before compression starts) neither use nor change the codec state.

@@ -108,6 +108,10 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
     from fedpower.training import get_params
     from fedpower.experiment import clients_per_round
 
+    from fedpower.codecs import layout_of
+    from fedpower.codecs.budget import allocate_ranks
+    from fedpower.config import ConfigError
+
     dataset = experiment_data(experiment)[0]
     out: dict[str, Any] = {}
     for entry in experiment["strategies"]:
@@ -116,6 +120,15 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
         cohort = clients_per_round(experiment["train"], int(experiment["data"]["num_clients"]))
         out[entry["name"]] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
                               "dense_uplink_bytes_per_round": 4 * numel * cohort}
+        compression = entry.get("compression") or {}
+        if compression.get("budget_bytes_per_round") is not None:  # needs the model's shapes, so checked here
+            try:
+                out[entry["name"]]["first_ranks"] = allocate_ranks(
+                    layout_of(params), float(compression["budget_bytes_per_round"]),
+                    bits=compression.get("quantize_bits"), block_size=int(compression.get("block_size", 128)),
+                    min_compression_rate=float(compression.get("min_compression_rate", 2.0)))
+            except ValueError as err:
+                raise ConfigError(f"strategies.{entry['name']}.compression.budget_bytes_per_round: {err}") from None
     return out
 
 
@@ -278,12 +291,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             summary = dense_summary(experiment)
         except Exception as err:  # noqa: BLE001 - data/model errors are user errors here
-            err_console.print(f"[bold red]error:[/] {err}")
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}")
             return EXIT_USAGE
         for name, info in summary.items():
             console.print(f"{name}: {info['parameters']:,} parameters; dense fp32 update "
                           f"{info['dense_fp32_bytes_per_client']:,} B per client, "
-                          f"{info['dense_uplink_bytes_per_round']:,} B uplink per round")
+                          f"{info['dense_uplink_bytes_per_round']:,} B uplink per round", highlight=False)
+            if "first_ranks" in info:
+                ranks = ", ".join(f"{k} {v}" for k, v in info["first_ranks"].items())
+                console.print(f"{name}: round-1 ranks for the byte budget: {ranks}", highlight=False)
         return EXIT_OK
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -300,10 +316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedpower.report import comparison_table, environment_info, write_csv, write_plots, write_results
     from fedpower.results import RunResults
 
-    try:  # load once up front: a bad data file or model name is a usage error, not a failed run
+    try:  # load once up front: a bad data file, model name or byte budget is a usage error, not a failed run
         dense_summary(experiment)
-    except (DataError, ModelError) as err:
-        err_console.print(f"[bold red]error:[/] {err}")
+    except (DataError, ModelError, ConfigError) as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}")
         return EXIT_USAGE
 
     results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())

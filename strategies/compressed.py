@@ -7,6 +7,7 @@ int8 factors as floats, so decoding and aggregation go through ``fedpower.codecs
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from fedpower.codecs import (
     PayloadError, basis_from_memory, build_codec, init_basis, is_shared, layout_of, next_basis, pack,
     update_basis_memory,
 )
+from fedpower.codecs.budget import allocate_ranks, spectra
 from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import Codec, weighted_sum
 from fedpower.records import tensors_to_arrays
@@ -95,6 +97,11 @@ class CompressedFedAvg(FedAvg):
         self._round_basis_id = -1  # the basis id this round's replies must carry (-1: no basis sent)
         self._round_codec: Codec | None = None
         self._round_started: dict[int, float] = {}
+        self.budget = self.compression.get("budget_bytes_per_round")
+        self.ranks: dict[str, int] | None = None  # budget: this round's rank per matrix, sent to the clients
+        self.energy: dict[str, list[float]] = {}  # budget: smoothed σ² per matrix from recent aggregates
+        if self.budget is not None:
+            self.ranks = self._allocate()
         self.seed = seed
         self.privacy = privacy  # DP: fixed weights, server noise (central) and the accountant
         self.stop_reason: str | None = None  # set when the privacy budget ends training early
@@ -137,7 +144,27 @@ class CompressedFedAvg(FedAvg):
     def round_codec(self, server_round: int) -> Codec:
         """The codec both ends use this round."""
         dense = self.is_dense_round(server_round)
-        return build_codec(self.compression, dense=dense, basis=self.basis, side=self.side)  # type: ignore[arg-type]
+        return build_codec(self.compression, dense=dense, basis=self.basis, side=self.side,  # type: ignore[arg-type]
+                           ranks=self.ranks)
+
+    def _allocate(self) -> dict[str, int]:
+        """Ranks per matrix for the byte budget, from the smoothed spectra (uniform before any)."""
+        c = self.compression
+        return allocate_ranks(self.inputs, float(self.budget), bits=c.get("quantize_bits"),
+                              block_size=int(c.get("block_size", 128)),
+                              min_compression_rate=float(c.get("min_compression_rate", 2.0)), energy=self.energy)
+
+    def _track_spectra(self, update: Mapping[str, torch.Tensor]) -> None:
+        """Fold this round's aggregate spectra into the energy estimate and re-allocate the ranks."""
+        assert self.ranks is not None
+        fresh = spectra(update, list(self.ranks))
+        for name, values in fresh.items():
+            old = self.energy.get(name, [])
+            size = max(len(old), len(values))
+            pad = lambda v: list(v) + [0.0] * (size - len(v))  # noqa: E731
+            # Equal weight to the past: one round's aggregate is a noisy sample of the update's spectrum.
+            self.energy[name] = [0.5 * a + 0.5 * b for a, b in zip(pad(old), pad(values))] if old else list(values)
+        self.ranks = self._allocate()
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
@@ -158,6 +185,8 @@ class CompressedFedAvg(FedAvg):
         self._round_basis_id = self.basis_version if self.shared and not dense else -1
         round_config = ConfigRecord({"strategy": self.name, "server-round": server_round, "dense": dense,
                                      "side": self.side, "basis-id": self._round_basis_id})
+        if self.ranks is not None and not dense:
+            round_config["ranks"] = json.dumps(self.ranks, separators=(",", ":"))
         if self.privacy is not None:  # local DP clients add σ·C themselves; σ may have been calibrated here
             round_config["dp-noise-multiplier"] = float(self.privacy.noise_multiplier)
         content = {"arrays": arrays, "config": round_config}
@@ -328,6 +357,8 @@ class CompressedFedAvg(FedAvg):
             # Finite contributions can still overflow when summed: never let Inf/NaN into the model.
             return self._keep_model(server_round, stats, "aggregate update is not finite")
         self.params = self.server_optimizer.step(self.params, update)
+        if self.budget is not None and not self.is_dense_round(server_round):
+            self._track_spectra(update)
         beta = float(self.compression.get("basis_memory", 0.0) or 0.0)
         if self.shared and beta > 0:  # dense warm-up rounds feed the memory too
             self.memory = update_basis_memory(self.memory, update, list(self.basis or {}), beta)
@@ -388,6 +419,7 @@ class CompressedFedAvg(FedAvg):
             "name": self.name, "side": self.side, "basis_version": self.basis_version, "stop_reason": self.stop_reason,
             "basis_names": list(self.basis or {}), "memory_names": list(self.memory or {}),
             "optimizer_slots": {slot: list(tensors) for slot, tensors in self.server_optimizer.state.items()},
+            "ranks": self.ranks, "energy": self.energy,
         }
         if self.privacy is not None:
             meta["privacy"] = {"accountant": self.privacy.accountant.state,
@@ -413,6 +445,9 @@ class CompressedFedAvg(FedAvg):
             self.basis = {k: torch.from_numpy(np.array(arrays[f"basis/{k}"])) for k in meta["basis_names"]}
             names = meta.get("memory_names") or []
             self.memory = {k: torch.from_numpy(np.array(arrays[f"memory/{k}"])) for k in names} or None
+        if self.budget is not None and meta.get("ranks") is not None:
+            self.ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
+            self.energy = {str(k): [float(x) for x in v] for k, v in (meta.get("energy") or {}).items()}
         self.side = str(meta.get("side", "left"))
         self.basis_version = int(meta.get("basis_version", 0))
         self.stop_reason = meta.get("stop_reason")

@@ -160,7 +160,8 @@ def test_node_config_device_overrides_env_and_experiment(monkeypatch: pytest.Mon
 HOST_COPY_ALLOWED = {("base.py", "to_numpy"), ("packing.py", "pack")}
 #: Scalar syncs allowed: payload validation on decode, one batched check per tensor (error feedback runs the
 #: same validating decode on the client, so on a GPU this costs one tiny sync per tensor, no array copy).
-SCALAR_SYNC_ALLOWED = {("quantize.py", "_dequantize"), ("topk.py", "decode")}
+SCALAR_SYNC_ALLOWED = {("quantize.py", "_dequantize"), ("topk.py", "decode"),
+                       ("budget.py", "spectra")}  # server side, once per round: the rank allocation needs numbers
 
 
 def test_codecs_have_no_host_copies_outside_the_payload_step() -> None:

@@ -34,8 +34,12 @@ def _quantizer(compression: Mapping[str, Any]) -> Quantize | None:
 def build_codec(
     compression: Mapping[str, Any] | None, *, dense: bool = False,
     basis: Mapping[str, torch.Tensor] | None = None, side: Literal["left", "right"] = "left",
+    ranks: Mapping[str, int] | None = None,
 ) -> Codec:
-    """The client/server codec for these settings; ``dense=True`` forces the fp32 warm-up codec."""
+    """The client/server codec for these settings; ``dense=True`` forces the fp32 warm-up codec.
+
+    ``ranks``: per-tensor ranks of independent PowerSGD for this round (a byte-budget allocation).
+    """
     compression = dict(compression or {})
     method = compression.get("method", "none")
     if method not in METHODS:
@@ -64,7 +68,7 @@ def build_codec(
             first = PowerSGD(rank=int(compression.get("rank", 4)),
                              power_iterations=int(compression.get("power_iterations", 1)),
                              min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
-                             deflation=bool(compression.get("deflation", False)))
+                             deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
         quantizer = _quantizer(compression)
         core = Chain(first, quantizer) if quantizer is not None else first
     if compression.get("error_feedback", True):

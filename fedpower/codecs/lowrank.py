@@ -33,11 +33,15 @@ def matrix_dims(shape: Sequence[int], rank: int) -> MatrixDims | None:
 
 def compressible(
     inputs: Mapping[str, ArraySpec], rank: int, min_compression_rate: float = 2.0,
+    ranks: Mapping[str, int] | None = None,
 ) -> dict[str, MatrixDims]:
-    """Name → (n, m, r') of the tensors whose rank-r' form saves at least ``min_compression_rate``."""
+    """Name → (n, m, r') of the tensors whose rank-r' form saves at least ``min_compression_rate``.
+
+    ``ranks`` gives some tensors their own rank (e.g. from a byte budget); the rest use ``rank``.
+    """
     out: dict[str, MatrixDims] = {}
     for name, spec in inputs.items():
-        dims = matrix_dims(tuple(spec.shape), rank)
+        dims = matrix_dims(tuple(spec.shape), (ranks or {}).get(name, rank))
         if dims is None:
             continue
         n, m, r = dims
@@ -45,6 +49,11 @@ def compressible(
         if n * m >= min_compression_rate * r * (n + m):
             out[name] = dims
     return out
+
+
+def max_rank(n: int, m: int, min_compression_rate: float) -> int:
+    """Largest rank whose factors still save ``min_compression_rate`` on an n × m matrix (0: none does)."""
+    return min(n, m, int(n * m // (min_compression_rate * (n + m))))
 
 
 def group_by_dims(dims: Mapping[str, MatrixDims]) -> dict[MatrixDims, list[str]]:

@@ -68,6 +68,22 @@ def _keep_nonzero_columns(new: torch.Tensor, previous: torch.Tensor) -> torch.Te
     return torch.where(alive, new, previous)
 
 
+def _resized_warm_start(q: torch.Tensor | None, name: str, m: int, r: int) -> torch.Tensor:
+    """The saved Q of a tensor fitted to rank r: extra columns seeded Gaussian, surplus columns dropped.
+
+    Ranks change when a byte budget is re-allocated between rounds; the warm start of the kept
+    directions is still good, so it is kept instead of restarting cold.
+    """
+    if q is None or q.ndim != 2 or q.shape[0] != m:
+        raise ValueError(f"{name}: PowerSGD state needs '{name}.Q' with {m} rows; use init_state")
+    if q.shape[1] == r:
+        return q
+    if q.shape[1] > r:
+        return q[:, :r]
+    extra = seeded_gaussian((m, r), q.shape[1], name)[:, q.shape[1]:].to(device=q.device, dtype=q.dtype)
+    return torch.cat([q, extra], dim=1)
+
+
 def _power_iteration(matrices: torch.Tensor, q: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched subspace iteration from warm start ``q``: returns orthonormal P (b, n, r) and Q = Mᵀ P."""
     p = q.new_empty(0)
@@ -125,15 +141,22 @@ class PowerSGD(Codec):
     power_iterations: int = 1  # power steps per encode (client compute only, no extra bytes)
     min_compression_rate: float = 2.0  # compress a tensor only if n·m / (r'·(n+m)) reaches this
     deflation: bool = False  # find components one by one on the deflated residual (epfml Algorithm 2)
+    ranks: Mapping[str, int] | None = None  # per-tensor ranks (a byte-budget allocation); others use ``rank``
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work."""
-        if self.rank < 1 or self.power_iterations < 1 or self.min_compression_rate <= 0:
+        if self.rank < 1 or self.power_iterations < 1 or self.min_compression_rate <= 0 or any(
+                r < 1 for r in (self.ranks or {}).values()):
             raise ValueError(f"invalid PowerSGD config: {self}")
+
+    def __hash__(self) -> int:
+        """Hashable despite the ranks mapping (frozen dataclasses hash their fields)."""
+        return hash((self.rank, self.power_iterations, self.min_compression_rate, self.deflation,
+                     tuple(sorted((self.ranks or {}).items()))))
 
     def dims(self, inputs: Mapping[str, ArraySpec]) -> dict[str, MatrixDims]:
         """Name → (n, m, r') of the tensors this codec compresses."""
-        return compressible(inputs, self.rank, self.min_compression_rate)
+        return compressible(inputs, self.rank, self.min_compression_rate, self.ranks)
 
     def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
         """``{name}.P`` (n, r') and ``{name}.Q`` (m, r') per compressed tensor, the rest dense float32."""
@@ -166,12 +189,9 @@ class PowerSGD(Codec):
         encoded: Tensors = {}
         new_state: Tensors = {}
         for (n, m, r), names in group_by_dims(dims).items():
-            for name in names:
-                q_state = state.get(f"{name}.Q")
-                if q_state is None or tuple(q_state.shape) != (m, r):
-                    raise ValueError(f"{name}: PowerSGD state needs '{name}.Q' of shape {(m, r)}; use init_state")
+            warm = {name: _resized_warm_start(state.get(f"{name}.Q"), name, m, r) for name in names}
             matrices = stack(tensors, names, (n, m))
-            previous_q = stack(state, [f"{name}.Q" for name in names], (m, r)).to(matrices.device)
+            previous_q = stack(warm, names, (m, r)).to(matrices.device)
             step = _deflated_power_iteration if self.deflation else _power_iteration
             p, q = step(matrices, previous_q, self.power_iterations)
             warm_q = _keep_nonzero_columns(q, previous_q)

@@ -1,0 +1,157 @@
+"""Rank per matrix under a byte budget: allocation math, real payload sizes, changing ranks, the round trip."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedpower.codecs import ArraySpec, build_codec, layout_of, pack
+from fedpower.codecs.budget import allocate_ranks, bytes_per_value, minimum_budget, spectra
+from fedpower.codecs.powersgd import PowerSGD
+
+MLP = {"fc1.weight": ArraySpec((512, 40)), "fc1.bias": ArraySpec((512,)), "fc2.weight": ArraySpec((512, 512)),
+       "fc2.bias": ArraySpec((512,)), "out.weight": ArraySpec((10, 512)), "out.bias": ArraySpec((10,))}
+
+
+def _payload_values(ranks: dict[str, int]) -> int:
+    """Numbers one client sends: factors at these ranks plus the dense tensors."""
+    dims = PowerSGD(rank=1, ranks=ranks).dims(MLP)
+    factors = sum(r * (n + m) for n, m, r in dims.values())
+    return factors + sum(math.prod(s.shape) for name, s in MLP.items() if name not in dims)
+
+
+@settings(max_examples=60, deadline=None)
+@given(budget=st.floats(2_000, 200_000), bits=st.sampled_from([None, 8, 4, 2]),
+       decay=st.lists(st.floats(0.05, 0.99), min_size=3, max_size=3))
+def test_allocation_fits_the_budget_and_respects_limits(budget: float, bits: int | None, decay: list[float]) -> None:
+    """Whatever the spectra: payload ≤ budget, every matrix rank ≥ 1 and ≤ its useful maximum."""
+    floor = minimum_budget(MLP, bits=bits)
+    if budget < floor:
+        with pytest.raises(ValueError, match="below the smallest message"):
+            allocate_ranks(MLP, budget, bits=bits)
+        return
+    names = ["fc1.weight", "fc2.weight", "out.weight"]
+    energy = {n: [d ** k for k in range(40)] for n, d in zip(names, decay)}
+    for spectrum in (None, energy):
+        ranks = allocate_ranks(MLP, budget, bits=bits, energy=spectrum)
+        assert set(ranks) == set(names)
+        assert _payload_values(ranks) * bytes_per_value(bits) <= budget + 1e-6
+        assert ranks["out.weight"] <= 4 and ranks["fc1.weight"] <= 18 and min(ranks.values()) >= 1
+
+
+def test_energy_decides_where_rank_goes() -> None:
+    """A matrix whose spectrum is flat gets more rank than one whose energy sits in one direction."""
+    energy = {"fc1.weight": [1.0] + [1e-6] * 39, "fc2.weight": [1.0] * 100, "out.weight": [1.0] + [1e-6] * 9}
+    ranks = allocate_ranks(MLP, 40_000, bits=8, energy=energy)
+    assert ranks["fc2.weight"] > 10 and ranks["fc1.weight"] == 1 and ranks["out.weight"] == 1
+    uniform = allocate_ranks(MLP, 15_000, bits=8)
+    assert abs(uniform["fc1.weight"] - uniform["fc2.weight"]) <= 1  # no spectra: one rank for all (below caps)
+    assert uniform["out.weight"] == 4  # ... except where a matrix's useful maximum caps it
+
+
+def test_greedy_matches_brute_force_on_small_cases() -> None:
+    """For decreasing spectra the greedy allocation captures as much energy as the best of all allocations."""
+    inputs = {"a": ArraySpec((24, 8)), "b": ArraySpec((16, 16))}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        energy = {k: sorted(torch.rand(8, generator=gen).tolist(), reverse=True) for k in inputs}
+        budget = float(torch.randint(256, 1100, (1,), generator=gen))
+        ranks = allocate_ranks(inputs, budget, bits=None, energy=energy)
+        captured = sum(sum(energy[k][: ranks[k]]) for k in inputs)
+        best = 0.0
+        for ra in range(1, 4):  # a: 24·8 / (2·32) → at most rank 3 saves 2×
+            for rb in range(1, 5):
+                if 4 * (ra * 32 + rb * 32) <= budget:
+                    best = max(best, sum(energy["a"][:ra]) + sum(energy["b"][:rb]))
+        assert captured == pytest.approx(best)
+
+
+def test_measured_payload_is_within_budget() -> None:
+    """The real packed payload of an int4 encode (scales and .npy headers included) respects the allocation's bytes."""
+    gen = torch.Generator().manual_seed(1)
+    update = {k: torch.randn(s.shape, generator=gen) for k, s in MLP.items()}
+    budget = 6_000.0
+    ranks = allocate_ranks(MLP, budget, bits=4, energy=spectra(update, ["fc1.weight", "fc2.weight", "out.weight"]))
+    codec = build_codec({"method": "powersgd", "rank": 4, "quantize_bits": 4, "error_feedback": True}, ranks=ranks)
+    encoded, _ = codec.encode(update, codec.init_state(MLP), gen)
+    payload = sum(buf.nbytes for buf in pack(encoded, codec.layout(MLP)).values())
+    assert payload <= budget + 3 * 128  # one .npy-style header per dtype buffer is outside the model of bytes
+    assert payload > 0.8 * budget  # and the budget is actually used
+
+
+def test_warm_start_survives_a_rank_change() -> None:
+    """Re-allocated ranks keep the residual and the kept warm-start columns; new columns start seeded."""
+    gen = torch.Generator().manual_seed(2)
+    update = {k: torch.randn(s.shape, generator=gen) for k, s in MLP.items()}
+    first = build_codec({"method": "powersgd", "power_iterations": 2}, ranks={"fc2.weight": 6, "fc1.weight": 2,
+                                                                            "out.weight": 1})
+    _, state = first.encode(update, first.init_state(MLP), gen)
+    second = build_codec({"method": "powersgd", "power_iterations": 2}, ranks={"fc2.weight": 3, "fc1.weight": 5,
+                                                                             "out.weight": 1})
+    encoded, new_state = second.encode(update, state, gen)
+    assert encoded["fc2.weight.P"].shape == (512, 3) and encoded["fc1.weight.Q"].shape == (40, 5)
+    assert new_state["inner/fc2.weight.Q"].shape == (512, 3)
+    assert {k for k in new_state if k.startswith("residual/")} == {k for k in state if k.startswith("residual/")}
+    kept = torch.linalg.matrix_rank(torch.cat([state["inner/fc2.weight.Q"][:, :3], new_state["inner/fc2.weight.Q"]], 1))
+    assert int(kept) <= 6  # the new Q grew from the first 3 columns of the old one, not from a cold start
+    with pytest.raises(ValueError, match="rows"):
+        second.encode(update, {**state, "inner/fc2.weight.Q": torch.zeros(7, 3)}, gen)
+
+
+def test_budget_config_is_checked(tmp_path: Any) -> None:
+    """budget_bytes_per_round only with independent PowerSGD."""
+    from fedpower.config import ConfigError, load_config
+
+    path = tmp_path / "x.yaml"
+    path.write_text("strategies: [{name: s, compression: {method: powersgd, mode: shared, budget_bytes_per_round: 9000}}]\n")
+    with pytest.raises(ConfigError, match="budget_bytes_per_round"):
+        load_config(path)
+
+
+def test_server_and_client_agree_on_ranks_each_round() -> None:
+    """The strategy sends its ranks; a client building its codec from them produces a payload the server decodes."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpower.server_opt import ServerOptimizer
+    from strategies.compressed import CompressedFedAvg
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    gen = torch.Generator().manual_seed(3)
+    params = {k: torch.zeros(s.shape) for k, s in MLP.items()}
+    compression = {"method": "powersgd", "mode": "independent", "rank": 4, "power_iterations": 2, "quantize_bits": 8,
+                   "error_feedback": True, "budget_bytes_per_round": 12_000.0}
+    nodes = {10: 0, 11: 1}
+    strategy = CompressedFedAvg(name="b", compression=compression, params=params, sampler=lambda r: [10, 11],
+                                server_optimizer=ServerOptimizer("sgd"), node_partitions=nodes)
+    history = []
+    for rnd in (1, 2, 3):
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in strategy.params.items()})
+        messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), None))  # type: ignore[arg-type]
+        ranks = json.loads(str(messages[0].content["config"]["ranks"]))
+        history.append(ranks)
+        codec = build_codec(compression, ranks=ranks)
+        replies = []
+        for msg in messages:
+            # Structured updates: fc2 holds most energy spread over many directions, so it should gain rank.
+            update = {k: 0.01 * torch.randn(s.shape, generator=gen) for k, s in MLP.items()}
+            update["fc2.weight"] = torch.randn(512, 32, generator=gen) @ torch.randn(32, 512, generator=gen)
+            encoded, _ = codec.encode(update, codec.init_state(MLP), gen)
+            packed = pack(encoded, codec.layout(layout_of(update)))
+            metrics = {"num-examples": 10, "train_loss": 1.0, "partition-id": nodes[msg.metadata.dst_node_id],
+                       "server-round": rnd, "basis-id": -1}
+            replies.append(Message(RecordDict({"payload": ArrayRecord({k: Array(v) for k, v in packed.items()}),
+                                               "metrics": MetricRecord(metrics)}), reply_to=msg))
+        arrays_out, _ = strategy.aggregate_train(rnd, replies)
+        assert arrays_out is not None
+    assert abs(history[0]["fc1.weight"] - history[0]["fc2.weight"]) <= 1  # round 1: uniform
+    assert history[1]["fc2.weight"] > history[0]["fc2.weight"] + 2  # then rank follows the energy
+    assert history[1]["fc1.weight"] < history[0]["fc1.weight"]
+    arrays_state, meta = strategy.state_dict()
+    assert meta["ranks"] == strategy.ranks and set(meta["energy"]) == set(strategy.ranks)
