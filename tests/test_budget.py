@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import pytest
@@ -12,18 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedpower.codecs import ArraySpec, build_codec, layout_of, pack
-from fedpower.codecs.budget import allocate_ranks, bytes_per_value, minimum_budget, spectra
+from fedpower.codecs.budget import NPY_HEADER_BYTES, allocate_ranks, message_bytes, minimum_budget, spectra
 from fedpower.codecs.powersgd import PowerSGD
 
 MLP = {"fc1.weight": ArraySpec((512, 40)), "fc1.bias": ArraySpec((512,)), "fc2.weight": ArraySpec((512, 512)),
        "fc2.bias": ArraySpec((512,)), "out.weight": ArraySpec((10, 512)), "out.bias": ArraySpec((10,))}
-
-
-def _payload_values(ranks: dict[str, int]) -> int:
-    """Numbers one client sends: factors at these ranks plus the dense tensors."""
-    dims = PowerSGD(rank=1, ranks=ranks).dims(MLP)
-    factors = sum(r * (n + m) for n, m, r in dims.values())
-    return factors + sum(math.prod(s.shape) for name, s in MLP.items() if name not in dims)
 
 
 @settings(max_examples=60, deadline=None)
@@ -41,7 +33,7 @@ def test_allocation_fits_the_budget_and_respects_limits(budget: float, bits: int
     for spectrum in (None, energy):
         ranks = allocate_ranks(MLP, budget, bits=bits, energy=spectrum)
         assert set(ranks) == set(names)
-        assert _payload_values(ranks) * bytes_per_value(bits) <= budget + 1e-6
+        assert message_bytes(MLP, ranks, bits=bits) <= budget
         assert ranks["out.weight"] <= 4 and ranks["fc1.weight"] <= 18 and min(ranks.values()) >= 1
 
 
@@ -61,28 +53,30 @@ def test_greedy_matches_brute_force_on_small_cases() -> None:
     gen = torch.Generator().manual_seed(0)
     for _ in range(20):
         energy = {k: sorted(torch.rand(8, generator=gen).tolist(), reverse=True) for k in inputs}
-        budget = float(torch.randint(256, 1100, (1,), generator=gen))
+        budget = float(torch.randint(384, 1300, (1,), generator=gen))
         ranks = allocate_ranks(inputs, budget, bits=None, energy=energy)
         captured = sum(sum(energy[k][: ranks[k]]) for k in inputs)
         best = 0.0
         for ra in range(1, 4):  # a: 24·8 / (2·32) → at most rank 3 saves 2×
             for rb in range(1, 5):
-                if 4 * (ra * 32 + rb * 32) <= budget:
+                if message_bytes(inputs, {"a": ra, "b": rb}, bits=None) <= budget:
                     best = max(best, sum(energy["a"][:ra]) + sum(energy["b"][:rb]))
         assert captured == pytest.approx(best)
 
 
-def test_measured_payload_is_within_budget() -> None:
-    """The real packed payload of an int4 encode (scales and .npy headers included) respects the allocation's bytes."""
+@pytest.mark.parametrize("bits", [None, 8, 4, 2])
+def test_measured_payload_is_within_budget(bits: int | None) -> None:
+    """The packed payload the ledger counts (codes, scales, .npy headers) matches the byte model and the budget."""
     gen = torch.Generator().manual_seed(1)
     update = {k: torch.randn(s.shape, generator=gen) for k, s in MLP.items()}
-    budget = 6_000.0
-    ranks = allocate_ranks(MLP, budget, bits=4, energy=spectra(update, ["fc1.weight", "fc2.weight", "out.weight"]))
-    codec = build_codec({"method": "powersgd", "rank": 4, "quantize_bits": 4, "error_feedback": True}, ranks=ranks)
+    budget = 6_000.0 if bits else 40_000.0
+    ranks = allocate_ranks(MLP, budget, bits=bits, energy=spectra(update, ["fc1.weight", "fc2.weight", "out.weight"]))
+    codec = build_codec({"method": "powersgd", "rank": 4, "quantize_bits": bits, "error_feedback": True}, ranks=ranks)
     encoded, _ = codec.encode(update, codec.init_state(MLP), gen)
-    payload = sum(buf.nbytes for buf in pack(encoded, codec.layout(MLP)).values())
-    assert payload <= budget + 3 * 128  # one .npy-style header per dtype buffer is outside the model of bytes
-    assert payload > 0.8 * budget  # and the budget is actually used
+    packed = pack(encoded, codec.layout(MLP))
+    payload = sum(buf.nbytes + NPY_HEADER_BYTES for buf in packed.values())
+    assert payload == message_bytes(MLP, ranks, bits=bits) <= budget
+    assert payload > 0.9 * budget  # and the budget is actually used
 
 
 def test_warm_start_survives_a_rank_change() -> None:

@@ -1,7 +1,8 @@
 """Rank per tensor under a byte budget (L-GreCo-style): spend each message's bytes where they capture most.
 
 The uplink payload of independent PowerSGD is Σ_l r_l·(n_l + m_l) factor values plus the tensors sent
-dense (biases, small layers). Given per-tensor spectra (σ² of a recent update, largest first),
+dense (biases, small layers); bytes are counted from the codec's own layouts (codes, scales, headers),
+so the budget is the payload the ledger measures per message (Flower's framing comes on top). Given per-tensor spectra (σ² of a recent update, largest first),
 rank k+1 of tensor l captures σ²_{l,k+1} more energy for (n_l + m_l) more values, so the greedy choice
 by energy per byte is optimal for decreasing spectra (each tensor's gains are concave in its rank),
 which is the error-minimising allocation of L-GreCo (Markov et al., 2023) solved exactly for this
@@ -12,21 +13,29 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from fedpower.codecs.base import ArraySpec
 from fedpower.codecs.lowrank import matrix_dims, max_rank
+from fedpower.codecs.quantize import Quantize
 
 
-def bytes_per_value(bits: int | None, block_size: int = 128) -> float:
-    """Uplink bytes per sent number: fp32, fp16, or n-bit codes plus one float16 scale per block."""
+NPY_HEADER_BYTES = 128  # each packed dtype buffer travels as one .npy array with a 128-byte header
+
+
+def payload_sizer(bits: int | None, block_size: int = 128) -> Callable[[Mapping[str, ArraySpec]], int]:
+    """Bytes of the arrays a layout becomes on the uplink: fp32, or quantized (codes + float16 scales)."""
     if bits is None:
-        return 4.0
-    if bits == 16:
-        return 2.0
-    return bits / 8 + 2 / block_size
+        return lambda layout: sum(4 * math.prod(spec.shape) for spec in layout.values())
+    quantizer = Quantize(bits=bits, block_size=block_size)
+    return lambda layout: sum(spec.nbytes for spec in quantizer.layout(dict(layout)).values())
+
+
+def _factor_bytes(size: Callable[[Mapping[str, ArraySpec]], int], n: int, m: int, rank: int) -> int:
+    """Bytes of one matrix's P (n × r) and Q (m × r) as sent."""
+    return size({"P": ArraySpec((n, rank)), "Q": ArraySpec((m, rank))}) if rank > 0 else 0
 
 
 def _candidates(inputs: Mapping[str, ArraySpec], min_compression_rate: float) -> dict[str, tuple[int, int, int]]:
@@ -43,13 +52,21 @@ def _candidates(inputs: Mapping[str, ArraySpec], min_compression_rate: float) ->
     return out
 
 
-def minimum_budget(inputs: Mapping[str, ArraySpec], *, bits: int | None, block_size: int = 128,
-                   min_compression_rate: float = 2.0) -> float:
-    """Bytes of the cheapest message: rank 1 everywhere plus the tensors sent dense."""
-    per_value = bytes_per_value(bits, block_size)
+def message_bytes(inputs: Mapping[str, ArraySpec], ranks: Mapping[str, int], *, bits: int | None,
+                  block_size: int = 128, min_compression_rate: float = 2.0) -> int:
+    """Payload bytes of one client message at these ranks, as the ledger counts them (.npy headers included)."""
+    size = payload_sizer(bits, block_size)
     candidates = _candidates(inputs, min_compression_rate)
-    dense = sum(math.prod(spec.shape) for name, spec in inputs.items() if name not in candidates)
-    return per_value * (dense + sum(n + m for n, m, _ in candidates.values()))
+    dense = {name: spec for name, spec in inputs.items() if name not in candidates}
+    factors = sum(_factor_bytes(size, n, m, ranks.get(name, 1)) for name, (n, m, _) in candidates.items())
+    buffers = 1 if bits in (None, 16) else 2  # fp32/fp16 values; or codes + float16 scales
+    return size(dense) + factors + NPY_HEADER_BYTES * buffers
+
+
+def minimum_budget(inputs: Mapping[str, ArraySpec], *, bits: int | None, block_size: int = 128,
+                   min_compression_rate: float = 2.0) -> int:
+    """Bytes of the cheapest message: rank 1 for every matrix plus the tensors sent dense."""
+    return message_bytes(inputs, {}, bits=bits, block_size=block_size, min_compression_rate=min_compression_rate)
 
 
 def allocate_ranks(
@@ -61,7 +78,7 @@ def allocate_ranks(
     ``energy[name]`` are σ² of that tensor's recent update, largest first (missing: spread uniformly).
     ValueError when even rank 1 everywhere does not fit.
     """
-    per_value = bytes_per_value(bits, block_size)
+    size = payload_sizer(bits, block_size)
     candidates = _candidates(inputs, min_compression_rate)
     floor = minimum_budget(inputs, bits=bits, block_size=block_size, min_compression_rate=min_compression_rate)
     if budget_bytes < floor:
@@ -69,33 +86,37 @@ def allocate_ranks(
                          f"{floor:.0f} B (rank 1 for every matrix plus the dense tensors)")
     ranks = {name: 1 for name in candidates}
     left = budget_bytes - floor
+
+    def step_cost(name: str) -> int:
+        n, m, _ = candidates[name]
+        return _factor_bytes(size, n, m, ranks[name] + 1) - _factor_bytes(size, n, m, ranks[name])
+
     if not energy:
         grew = True
         while grew:  # uniform: one more rank for every tensor that has room, in turn
             grew = False
-            for name, (n, m, top) in candidates.items():
-                cost = per_value * (n + m)
+            for name, (_, _, top) in candidates.items():
+                cost = step_cost(name)
                 if ranks[name] < top and cost <= left:
                     ranks[name] += 1
                     left -= cost
                     grew = True
         return ranks
 
-    def gain(name: str, rank: int) -> float:
+    def gain(name: str) -> float:
         values = energy.get(name, ())
-        return float(values[rank]) if rank < len(values) else 0.0
+        return float(values[ranks[name]]) if ranks[name] < len(values) else 0.0
 
-    heap = [(-gain(name, 1) / (n + m), name) for name, (n, m, _) in candidates.items()]
+    heap = [(-gain(name) / step_cost(name), name) for name in candidates]
     heapq.heapify(heap)
     while heap:
         neg, name = heapq.heappop(heap)
-        n, m, top = candidates[name]
-        cost = per_value * (n + m)
-        if -neg <= 0 or ranks[name] >= top or cost > left:
+        cost = step_cost(name)
+        if -neg <= 0 or ranks[name] >= candidates[name][2] or cost > left:
             continue  # nothing left to gain here, or no room: the next-best tensor may still fit
         ranks[name] += 1
         left -= cost
-        heapq.heappush(heap, (-gain(name, ranks[name]) / (n + m), name))
+        heapq.heappush(heap, (-gain(name) / step_cost(name), name))
     return ranks
 
 
