@@ -367,3 +367,53 @@ def test_tls_node_auth_training_traffic_and_restart(deployment: dict[str, Any]) 
     assert ledger_down <= outbound, (ledger_down, outbound)
     print(f"\ndeployment: {duration:.1f} s; accuracy {accuracies}; uplink ledger {ledger_up} B, SuperLink "
           f"inbound {inbound} B; downlink ledger {ledger_down} B, outbound {outbound} B")
+
+
+def _kill_matching(needle: str) -> None:
+    """SIGKILL every process whose command line mentions ``needle`` (and their descendants)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if needle in cmdline and int(entry.name) != os.getpid():
+            for pid in [int(entry.name), *descendants(int(entry.name))]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def test_flwr_run_against_a_local_simulation(tmp_path: Path) -> None:
+    """`flwr run .` on a local simulation connection (Flower starts its own SuperLink) writes our results."""
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n'
+                                      "options.num-supernodes = 4\n")
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    out_dir = tmp_path / "results"
+    try:
+        run = flwr(env, "run", str(REPO), "local", "--format", "json", "--run-config",
+                   f"out-dir='{out_dir}' overrides='data.num_clients=4; train.rounds=2; train.clients_per_round=2'",
+                   timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+        run_id = int(json_out(run)["run-id"])
+
+        def status() -> str | None:
+            listing = flwr(env, "ls", "local", "--format", "json")
+            if listing.returncode != 0:
+                return None
+            found = [r for r in json_out(listing)["runs"] if int(r["run-id"]) == run_id]
+            return str(found[0]["status"]) if found and str(found[0]["status"]).startswith("finished") else None
+
+        final = wait_for("the local simulation run to finish", status, 300, [], interval=3.0)
+        assert final == "finished:completed", (home / "local-superlink" / "superlink.log").read_text()[-3000:]
+        results = json.loads((out_dir / "results.json").read_text())
+        rounds = results["strategies"][0]["rounds"]
+        assert [r["round"] for r in rounds] == [1, 2] and all(r["uplink_bytes"] > 0 for r in rounds)
+        assert (out_dir / "metrics.csv").is_file() and (out_dir / "ledger.csv").is_file()
+    finally:
+        _kill_matching(str(home))  # the local SuperLink is detached and would outlive the test
