@@ -272,6 +272,7 @@ class CompressionConfig(_Model):
     error_feedback: bool = True  # client keeps the compression residual and adds it next round
     start_after_rounds: int = Field(0, ge=0)  # dense rounds before compression starts
     basis_memory: float = Field(0.0, ge=0, lt=1)  # powersgd shared: decay of the server's update sum the basis tracks
+    basis_power_steps: int = Field(1, ge=1)  # powersgd shared with basis_memory: server power steps on it per round
     # powersgd independent: bytes of one client's payload per round; the server picks each matrix's rank
     # (uniform in round 1, then by energy per byte from the spectra of recent aggregates); null: fixed rank
     budget_bytes_per_round: Optional[float] = Field(None, gt=0)
@@ -292,6 +293,9 @@ class CompressionConfig(_Model):
         if self.basis_memory > 0 and not (self.method == "powersgd" and self.mode == "shared"):
             issues.append((("basis_memory",), "basis_memory applies to method 'powersgd' with mode 'shared' (the "
                            "server-side basis); set it to 0 or use mode: shared"))
+        if self.basis_power_steps > 1 and self.basis_memory == 0:
+            issues.append((("basis_power_steps",), "basis_power_steps iterates on the server's update memory; set "
+                           "basis_memory > 0 (e.g. 0.9) or basis_power_steps: 1"))
         if self.budget_bytes_per_round is not None and not (self.method == "powersgd" and self.mode == "independent"):
             issues.append((("budget_bytes_per_round",), "budget_bytes_per_round applies to method 'powersgd' with "
                            "mode 'independent' (per-matrix ranks); remove it or use that method and mode"))

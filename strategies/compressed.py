@@ -364,7 +364,8 @@ class CompressedFedAvg(FedAvg):
             self.memory = update_basis_memory(self.memory, update, list(self.basis or {}), beta)
         if self.shared and not self.is_dense_round(server_round):
             if beta > 0:
-                self.basis = basis_from_memory(self.memory, self.basis or {}, self.side)  # type: ignore[arg-type]
+                self.basis = basis_from_memory(self.memory, self.basis or {}, self.side,  # type: ignore[arg-type]
+                                               steps=int(self.compression.get("basis_power_steps", 1)))
             else:
                 self.basis = next_basis(reduced, self.side, names=list(self.basis or {}))  # type: ignore[arg-type]
             self.side = "right" if self.side == "left" else "left"

@@ -74,3 +74,27 @@ def test_memory_tracks_a_persistent_subspace_through_noise() -> None:
         results[beta] = _alignment(basis["w"], v if side == "left" else u)
     assert results[0.9] > 0.8  # measured 0.90 vs 0.17 without memory
     assert results[0.9] > results[0.0] + 0.4
+
+
+def test_more_server_power_steps_reach_the_top_singular_subspace() -> None:
+    """basis_power_steps > 1 converges to the memory's top-r left/right singular subspace (SVD refresh)."""
+    import torch
+
+    from fedpower.codecs.powersgd import basis_from_memory
+
+    gen = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(40, 40, generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(30, 30, generator=gen))
+    spectrum = torch.tensor([1.0, 0.95, 0.9, 0.85] + [0.8 * 0.7 ** k for k in range(26)])
+    a = u[:, :30] * spectrum @ v.T  # slowly decaying top: one power step cannot separate it
+    start = {"w": torch.linalg.qr(torch.randn(30, 3, generator=gen))[0]}
+
+    def distance(basis: torch.Tensor, target: torch.Tensor) -> float:
+        return float(torch.linalg.matrix_norm(basis @ basis.T - target @ target.T, ord=2))
+
+    one = basis_from_memory({"w": a}, start, "left", steps=1)["w"]
+    many = basis_from_memory({"w": a}, start, "left", steps=60)["w"]
+    assert many.shape == (40, 3) and torch.allclose(many.T @ many, torch.eye(3), atol=1e-5)
+    assert distance(many, u[:, :3]) < 0.05 < distance(one, u[:, :3])
+    right = basis_from_memory({"w": a}, {"w": many}, "right", steps=60)["w"]
+    assert right.shape == (30, 3) and distance(right, v[:, :3]) < 0.05

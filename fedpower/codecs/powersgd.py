@@ -274,19 +274,28 @@ def update_basis_memory(
     return out
 
 
-def basis_from_memory(memory: Mapping[str, torch.Tensor], basis: Mapping[str, torch.Tensor], side: Side) -> Tensors:
+def basis_from_memory(memory: Mapping[str, torch.Tensor], basis: Mapping[str, torch.Tensor], side: Side,
+                      steps: int = 1) -> Tensors:
     """Next round's basis from the memory: orth(A Q̂) after a "left" round, orth(Aᵀ P̂) after "right".
 
     One power step on the accumulated update, started from the basis just used; with zero decay it
     equals :func:`next_basis` on this round's aggregated factor (A Q̂ = P̄ because Q̂ᵀQ̂ = I).
+    ``steps`` > 1 runs more (server-only, byte-free) subspace iterations on A, converging to the top
+    singular subspace of the memory (an exact-SVD refresh in the limit, as in PowerSGD+).
     """
     _check_side(side)
-    suffix = ".P" if side == "left" else ".Q"
-    factors = {}
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out: Tensors = {}
     for name, b in basis.items():
         a = memory[name]
-        factors[name + suffix] = a @ b.to(a.device) if side == "left" else a.transpose(0, 1) @ b.to(a.device)
-    return next_basis(factors, side, names=list(basis))
+        left = orthonormal_basis((a @ b.to(a.device) if side == "left" else a.transpose(0, 1) @ b.to(a.device))[None])
+        for _ in range(steps - 1):
+            other = a.transpose(0, 1) if side == "left" else a
+            back = orthonormal_basis((other @ left[0])[None])
+            left = orthonormal_basis(((a if side == "left" else a.transpose(0, 1)) @ back[0])[None])
+        out[name] = left[0]
+    return out
 
 
 def _check_side(side: str) -> None:
