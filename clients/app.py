@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
+from fedpower.codecs.packing import entropy_encode
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
 from fedpower.records import arrays_to_tensors
@@ -154,6 +155,8 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
             encoded, state = codec.encode(update, state, generator)
             save_client_state(store, strategy, pid, server_round, state)
     packed = pack(encoded, codec.layout(inputs))
+    if compression.get("entropy_coding", "none") == "zlib":
+        packed = entropy_encode(packed)
     metrics: dict[str, Any] = {"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
                                "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}
     if privacy and privacy["mode"] == "local":

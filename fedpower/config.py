@@ -268,6 +268,7 @@ class CompressionConfig(_Model):
     quantize_bits: Optional[Literal[2, 4, 8, 16]] = None  # quantize the payload (powersgd factors, topk values)
     quantize_scheme: Literal["stochastic", "log"] = "stochastic"  # log needs 8 or 4 bits
     block_size: int = Field(128, ge=8)  # values sharing one quantization scale
+    entropy_coding: Literal["none", "zlib"] = "none"  # lossless deflate of the packed payload (pays for int4/int2)
     ratio: float = Field(0.01, gt=0, le=1)  # topk: share of entries sent
     error_feedback: bool = True  # client keeps the compression residual and adds it next round
     start_after_rounds: int = Field(0, ge=0)  # dense rounds before compression starts

@@ -24,6 +24,7 @@ from fedpower.codecs import (
     update_basis_memory,
 )
 from fedpower.codecs.budget import allocate_ranks, spectra
+from fedpower.codecs.packing import entropy_decode
 from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import Codec, weighted_sum
 from fedpower.records import tensors_to_arrays
@@ -247,6 +248,8 @@ class CompressedFedAvg(FedAvg):
             packed = {dtype: arr.numpy() for dtype, arr in content["payload"].items()}
         except (TypeError, ValueError, OSError) as err:
             raise PayloadError(f"payload arrays cannot be read: {err}") from err
+        if self.compression.get("entropy_coding", "none") == "zlib":
+            packed = entropy_decode(packed, codec.layout(self.inputs))
         contribution = decode_contribution(codec, packed, self.inputs)
         return contribution, examples, {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
