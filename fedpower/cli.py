@@ -169,6 +169,17 @@ def _differences(saved: Any, given: Any, where: str = "") -> list[str]:
                                       f"{json.dumps(given, default=str)} now"]
 
 
+def _with_current_defaults(document: dict[str, Any], source: str) -> dict[str, Any]:
+    """A saved resolved config re-read by this version's schema, so keys added since then get their
+    defaults instead of counting as changes (as it was, when it no longer validates)."""
+    from fedpower.config import ConfigError, parse_config
+
+    try:
+        return parse_config(document, source=source).to_dict()
+    except ConfigError:
+        return document
+
+
 def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[str]) -> Any:
     """The config of the run in ``resume_dir``; a CONFIG (+ --set) given too must resolve to it (ConfigError)."""
     from fedpower.config import ConfigError, load_config, parse_config
@@ -191,7 +202,7 @@ def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[
     state = given.get("client_state") or {}
     if state.get("store") == "disk" and not state.get("dir"):  # run.py put it in the output folder
         state["dir"] = str((resume_dir / "client_state").resolve())
-    differences = _differences(saved, given)
+    differences = _differences(_with_current_defaults(saved, str(saved_path)), given)
     if differences:
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
         raise ConfigError(f"--resume {resume_dir}: {config_arg} (with its --set values) differs from the config that "
@@ -213,7 +224,7 @@ def attach_resume_point(results: Any, out_dir: Path, experiment: dict[str, Any],
         console.print(f"[yellow]{escape(str(out_dir))} has no checkpoint yet (no round had finished): starting from "
                       "round 1.[/]")
         return False
-    differences = _differences(point.experiment, experiment)
+    differences = _differences(_with_current_defaults(point.experiment, str(out_dir / "checkpoint.npz")), experiment)
     if differences:
         raise ConfigError(f"--resume {out_dir}: checkpoint.npz was written for another config than "
                           f"config.resolved.json ({'; '.join(differences[:3])}); the folder was changed by hand")
