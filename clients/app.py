@@ -22,7 +22,7 @@ from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.packing import entropy_encode
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
-from fedpower.records import arrays_to_tensors
+from fedpower.records import model_from_arrays
 from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
 
@@ -112,7 +112,7 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
 
     model = experiment_model(experiment, strategy, dataset).to(device)
-    global_params = arrays_to_tensors(msg.content["arrays"], device)
+    global_params = model_from_arrays(msg.content["arrays"], device)
     set_params(model, global_params)
     seed = int(experiment["seed"]) * 1_000_003 + server_round * 10_007 + pid
     num_examples, loss = train_local(
@@ -182,7 +182,7 @@ def handle_evaluate(msg: Message, context: Context, experiment: Mapping[str, Any
     device = node_device(context, settings["train"])
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
     model = experiment_model(experiment, strategy, dataset).to(device)
-    set_params(model, arrays_to_tensors(msg.content["arrays"], device))
+    set_params(model, model_from_arrays(msg.content["arrays"], device))
     idx = torch.as_tensor(parts[partition_id(context)], dtype=torch.long)
     loss, accuracy = evaluate(model, x_train[idx], y_train[idx])
     metrics = MetricRecord({"num-examples": len(idx), "eval_loss": loss, "eval_accuracy": accuracy})

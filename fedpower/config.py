@@ -249,11 +249,13 @@ class ClientStateConfig(_Model):
 
 
 class DownlinkConfig(_Model):
-    """Compression of what the server sends back (default: the dense model)."""
+    """What the server sends back: the global model, dense fp32 (none) or rounded to fp16.
 
-    method: Literal["none", "fp16", "int8", "powersgd"] = "none"
-    rank: int = Field(4, ge=1)  # powersgd rank
-    error_feedback: bool = True  # server-side residual of the compressed aggregate
+    Clients in cross-device FL do not hold the previous global model (a client returns after many
+    rounds), so the model itself is sent, not a compressed update of it; fp16 halves it.
+    """
+
+    method: Literal["none", "fp16"] = "none"
 
 
 class CompressionConfig(_Model):

@@ -17,6 +17,12 @@ def arrays_to_tensors(record: ArrayRecord, device: torch.device | str = "cpu") -
     return {name: torch.from_numpy(np.array(arr.numpy())).to(device) for name, arr in record.items()}
 
 
+def model_from_arrays(record: ArrayRecord, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """The global model a client received, floating tensors as float32 (a fp16 downlink is widened here)."""
+    return {name: (t.to(torch.float32) if t.is_floating_point() else t)
+            for name, t in arrays_to_tensors(record, device).items()}
+
+
 def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> ArrayRecord:
     """dict of tensors/ndarrays → ArrayRecord."""
     out = {}

@@ -190,6 +190,9 @@ class CompressedFedAvg(FedAvg):
             round_config["ranks"] = json.dumps(self.ranks, separators=(",", ":"))
         if self.privacy is not None:  # local DP clients add σ·C themselves; σ may have been calibrated here
             round_config["dp-noise-multiplier"] = float(self.privacy.noise_multiplier)
+        if (self.compression.get("downlink") or {}).get("method", "none") == "fp16":
+            arrays = tensors_to_arrays({k: v.to(torch.float16) if v.is_floating_point() else v
+                                        for k, v in self.params.items()})
         content = {"arrays": arrays, "config": round_config}
         if self.shared and not dense:
             assert self.basis is not None

@@ -562,7 +562,6 @@ OUT_OF_RANGE = [
     ("strategies.0.compression.min_compression_rate", 0.5, ">= 1"),
     ("strategies.0.compression.ratio", 0.0, "> 0 and <= 1"),
     ("strategies.0.compression.start_after_rounds", -1, ">= 0"),
-    ("strategies.0.compression.downlink.rank", 0, ">= 1"),
     ("strategies.0.train.batch_size", 0, ">= 1"),
 ]
 

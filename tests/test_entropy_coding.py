@@ -113,3 +113,28 @@ def test_strategy_decodes_coded_replies_and_counts_coded_bytes() -> None:
     assert totals["zlib"][0] < totals["none"][0]
     for name in LAYOUT:  # lossless: the same update reached the model
         assert np.array_equal(totals["zlib"][1][name].numpy(), totals["none"][1][name].numpy())
+
+
+def test_fp16_downlink_halves_the_model_bytes_and_clients_widen_it() -> None:
+    """compression.downlink fp16: the model travels as float16 (half the ledger's downlink payload)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedpower.records import model_from_arrays
+    from fedpower.server_opt import ServerOptimizer
+    from strategies.compressed import CompressedFedAvg
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    params = {k: torch.randn(s.shape, generator=torch.Generator().manual_seed(1)) for k, s in LAYOUT.items()}
+    down = {}
+    for method in ("none", "fp16"):
+        strategy = CompressedFedAvg(name=method, compression={"method": "none", "downlink": {"method": method}},
+                                    params=params, sampler=lambda r: [7], server_optimizer=ServerOptimizer("sgd"),
+                                    node_partitions={7: 0})
+        arrays = ArrayRecord({k: Array(v.numpy()) for k, v in params.items()})
+        (msg,) = strategy.configure_train(1, arrays, ConfigRecord(), None)  # type: ignore[arg-type]
+        received = model_from_arrays(msg.content["arrays"])
+        assert all(t.dtype == torch.float32 for t in received.values())
+        assert all(torch.allclose(received[k], params[k], rtol=1e-3, atol=1e-4) for k in params)
+        down[method] = strategy.ledger.total("down", "payload_bytes")
+    assert down["fp16"] < 0.51 * down["none"]
