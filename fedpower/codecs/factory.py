@@ -66,7 +66,7 @@ def build_codec(
                                    side=side, basis=basis)
         else:
             first = PowerSGD(rank=int(compression.get("rank", 4)),
-                             power_iterations=int(compression.get("power_iterations", 1)),
+                             power_iterations=int(compression.get("power_iterations", 4)),
                              min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
                              deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
         quantizer = _quantizer(compression)
