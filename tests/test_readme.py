@@ -42,3 +42,23 @@ def test_simulation_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert all(len(s.rounds) == 2 for s in results.strategies.values())
     assert (tmp_path / "results" / "from-python" / "results.json").exists()
     assert os.environ.get("FLWR_HOME")
+
+
+def yaml_blocks() -> list[str]:
+    """Every ```yaml block of README.md."""
+    return re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("index", range(len(yaml_blocks())))
+def test_yaml_examples_are_valid_configs(index: int) -> None:
+    """Each YAML snippet, completed with a strategy where it has none, passes the config schema."""
+    import yaml
+
+    from fedpower.config import parse_config
+
+    document = yaml.safe_load(yaml_blocks()[index])
+    if isinstance(document, list):  # a strategies list entry shown on its own
+        document = {"strategies": document}
+    assert isinstance(document, dict) and document
+    document.setdefault("strategies", [{"name": "fedavg"}])
+    parse_config(document)  # raises ConfigError naming the key if the README shows one that does not exist
