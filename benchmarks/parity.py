@@ -165,18 +165,22 @@ def plot(found: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(found), figsize=(6 * len(found), 4.5), squeeze=False)
     for ax, (experiment, strategies) in zip(axes[0], found.items()):
-        for name, entries in sorted(strategies.items()):
+        colors = plt.cm.tab20.colors  # more strategies than the default 10-colour cycle
+        for i, (name, entries) in enumerate(sorted(strategies.items())):
             entry = min(entries, key=lambda e: e["seed"])
             cumulative, xs, ys = 0, [], []
             for row in entry["rounds"]:
                 cumulative += row["uplink_bytes"]
                 xs.append(cumulative)
                 ys.append(100 * row["accuracy"])
-            ax.plot(xs, ys, label=name, linewidth=1)
+            dense = entry["compression"]["method"] in DENSE
+            ax.plot(xs, ys, label=name, linewidth=1.2 if dense else 0.9, color=colors[i % len(colors)],
+                    linestyle="--" if dense else "-")
         ax.set_xscale("log")
-        ax.set(xlabel="cumulative uplink bytes (wire, log)", ylabel="test accuracy (%)", title=experiment)
+        ax.set(xlabel="cumulative uplink bytes (wire, log); dense baselines dashed", ylabel="test accuracy (%)",
+               title=experiment)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="upper left")
     fig.tight_layout()
     save_figure(fig, path)
 
