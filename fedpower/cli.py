@@ -175,9 +175,25 @@ def _with_current_defaults(document: dict[str, Any], source: str) -> dict[str, A
     from fedpower.config import ConfigError, parse_config
 
     try:
-        return parse_config(document, source=source).to_dict()
+        return parse_config(migrate_saved_config(document), source=source).to_dict()
     except ConfigError:
         return document
+
+
+def migrate_saved_config(document: dict[str, Any]) -> dict[str, Any]:
+    """A resolved config written by an earlier version, with keys this version dropped removed.
+
+    ``compression.downlink.rank`` / ``error_feedback`` were written as defaults but never did anything.
+    """
+    import copy
+
+    out = copy.deepcopy(document)
+    for strategy in out.get("strategies") or []:
+        downlink = ((strategy or {}).get("compression") or {}).get("downlink")
+        if isinstance(downlink, dict):
+            downlink.pop("rank", None)
+            downlink.pop("error_feedback", None)
+    return out
 
 
 def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[str]) -> Any:
@@ -196,7 +212,7 @@ def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[
         if overrides:
             raise ConfigError("--resume without CONFIG reuses the saved config, which --set cannot change; a "
                               "changed experiment is a new run (use --out)")
-        return parse_config(saved, source=str(saved_path))
+        return parse_config(migrate_saved_config(saved), source=str(saved_path))
     config = load_config(config_arg, overrides)
     given = config.to_dict()
     state = given.get("client_state") or {}

@@ -55,8 +55,6 @@ def resolve_link(name: str, custom: Mapping[str, Mapping[str, Any]] | None = Non
         return Link(**{k: float(v) for k, v in custom[name].items()})
     if name in PROFILES:
         return PROFILES[name]
-    if spec in PROFILES:
-        return PROFILES[spec]
     known = sorted({*PROFILES, *(custom or {})})
     raise ValueError(f"unknown network profile {name!r}; known: {', '.join(known)}")
 
@@ -85,8 +83,10 @@ def assign_links(num_clients: int, network: Mapping[str, Any], seed: int) -> lis
 def round_seconds(ledger: Ledger, links: Sequence[Link], compute_s: float = 0.0) -> dict[int, float]:
     """Round → simulated seconds: the slowest client's down + compute + up time on its link."""
     per_client: dict[tuple[int, int], list[int]] = {}
-    for t in ledger.transfers:
-        both = per_client.setdefault((t.round, t.client), [0, 0])
+    for index, t in enumerate(ledger.transfers):
+        # Unknown senders (-1) are not one client: time each such transfer on its own.
+        key = (t.round, t.client) if t.client >= 0 else (t.round, -1 - index)
+        both = per_client.setdefault(key, [0, 0])
         both[0 if t.direction == "up" else 1] += t.wire_bytes
     times: dict[int, float] = {}
     for (rnd, client), (up, down) in per_client.items():

@@ -79,18 +79,26 @@ class RunResults:
     environment: dict[str, Any] = field(default_factory=dict)
     checkpoint_dir: str | None = None  # where the server checkpoints every round (run.py: the output folder)
     resume_from: Any = None  # a fedpower.checkpoint.ResumePoint to continue from (run.py --resume)
+    _network_cache: Any = field(default=None, repr=False, compare=False)  # (key, summary) of network()
 
     def strategy(self, name: str) -> StrategyResult:
         """The (possibly new) result entry of a strategy."""
         return self.strategies.setdefault(name, StrategyResult(name))
 
     def network(self) -> dict[str, Any] | None:
-        """Simulated communication times under the config's ``network`` links (None when it has none)."""
+        """Simulated communication times under the config's ``network`` links (None when it has none).
+
+        Cached until a strategy gains rounds or transfers: results.json is rewritten after every round.
+        """
         links = self.config.get("network")
         if not links:
             return None
-        return network_summary({name: (s.ledger, s.rounds) for name, s in self.strategies.items()}, links,
-                               int(self.config["data"]["num_clients"]), int(self.config.get("seed", 0)))
+        key = tuple((name, len(s.rounds), len(s.ledger.transfers)) for name, s in self.strategies.items())
+        if self._network_cache is None or self._network_cache[0] != key:
+            summary = network_summary({name: (s.ledger, s.rounds) for name, s in self.strategies.items()}, links,
+                                      int(self.config["data"]["num_clients"]), int(self.config.get("seed", 0)))
+            self._network_cache = (key, summary)
+        return self._network_cache[1]
 
     def to_dict(self) -> dict[str, Any]:
         """The results.json document (plus ``network`` when the config simulates links)."""

@@ -158,7 +158,11 @@ class CompressedFedAvg(FedAvg):
     def _track_spectra(self, update: Mapping[str, torch.Tensor]) -> None:
         """Fold this round's aggregate spectra into the energy estimate and re-allocate the ranks."""
         assert self.ranks is not None
-        fresh = spectra(update, list(self.ranks))
+        try:
+            fresh = spectra(update, list(self.ranks))
+        except (torch.linalg.LinAlgError, RuntimeError) as err:  # keep this round's ranks rather than fail
+            log.warning("%s: singular values failed (%s); ranks unchanged", self.name, err)
+            return
         for name, values in fresh.items():
             old = self.energy.get(name, [])
             size = max(len(old), len(values))
@@ -191,8 +195,12 @@ class CompressedFedAvg(FedAvg):
         if self.privacy is not None:  # local DP clients add σ·C themselves; σ may have been calibrated here
             round_config["dp-noise-multiplier"] = float(self.privacy.noise_multiplier)
         if (self.compression.get("downlink") or {}).get("method", "none") == "fp16":
-            arrays = tensors_to_arrays({k: v.to(torch.float16) if v.is_floating_point() else v
-                                        for k, v in self.params.items()})
+            half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in self.params.items()}
+            if all(bool(torch.isfinite(v).all()) for v in half.values() if v.is_floating_point()):
+                arrays = tensors_to_arrays(half)
+            else:  # a weight beyond ±65504 would reach the clients as inf: send this round in fp32
+                log.warning("%s round %d: model exceeds the float16 range; downlink sent as fp32", self.name,
+                            server_round)
         content = {"arrays": arrays, "config": round_config}
         if self.shared and not dense:
             assert self.basis is not None

@@ -16,6 +16,8 @@ from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedpower.checkpoint import ResumePoint, restore_rng, save_run_checkpoint
+from fedpower.codecs import layout_of
+from fedpower.codecs.budget import allocate_ranks
 from fedpower.experiment import (
     clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
 )
@@ -67,6 +69,7 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
     num_clients = int(experiment["data"]["num_clients"])
     partitions_by_node = discover_partitions(grid, num_clients)
     fleet = _Fleet(grid, experiment, seed, partitions_by_node, experiment_data(experiment))
+    _check_budgets(experiment, fleet.dataset)  # before any strategy runs, not when the third one starts
     resume = results.resume_from
     if resume is not None:
         results.strategies.update(resume.results)  # finished strategies and the rounds done of the running one
@@ -82,6 +85,21 @@ def run_strategies(grid: Grid, experiment: Mapping[str, Any], results: RunResult
             save_run_checkpoint(results.checkpoint_dir, experiment=experiment, results=results,
                                 strategy_index=index + 1, completed_round=0, strategy_state=None)
     return results
+
+
+def _check_budgets(experiment: Mapping[str, Any], dataset: Any) -> None:
+    """ValueError naming the strategy when a byte budget is below its model's smallest message."""
+    for entry in experiment["strategies"]:
+        compression = strategy_settings(experiment, entry["name"])["compression"]
+        if compression.get("budget_bytes_per_round") is None:
+            continue
+        layout = layout_of(get_params(experiment_model(experiment, entry["name"], dataset)))
+        try:
+            allocate_ranks(layout, float(compression["budget_bytes_per_round"]), bits=compression.get("quantize_bits"),
+                           block_size=int(compression.get("block_size", 128)),
+                           min_compression_rate=float(compression.get("min_compression_rate", 2.0)))
+        except ValueError as err:
+            raise ValueError(f"strategy {entry['name']}: {err}") from None
 
 
 class _Fleet:

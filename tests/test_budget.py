@@ -37,6 +37,21 @@ def test_allocation_fits_the_budget_and_respects_limits(budget: float, bits: int
         assert ranks["out.weight"] <= 4 and ranks["fc1.weight"] <= 18 and min(ranks.values()) >= 1
 
 
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(1, 300), m=st.integers(1, 300), rate=st.floats(1.0, 4.0))
+def test_useful_maximum_matches_the_codec_rule(n: int, m: int, rate: float) -> None:
+    """The allocator's highest useful rank is exactly where the codec stops compressing (no float edge)."""
+    from fedpower.codecs.lowrank import compressible, max_rank
+
+    top = max_rank(n, m, rate)
+    spec = {"x": ArraySpec((n, m))}
+    if top >= 1:
+        assert compressible(spec, top, rate) == {"x": (n, m, top)}
+    if top < min(n, m):
+        assert compressible(spec, top + 1, rate) == {}
+    assert max_rank(7, 63, 2.1) == 2  # 2.1 · 3 · 70 is a hair above 441 in floating point
+
+
 def test_energy_decides_where_rank_goes() -> None:
     """A matrix whose spectrum is flat gets more rank than one whose energy sits in one direction."""
     energy = {"fc1.weight": [1.0] + [1e-6] * 39, "fc2.weight": [1.0] * 100, "out.weight": [1.0] + [1e-6] * 9}

@@ -138,3 +138,10 @@ def test_fp16_downlink_halves_the_model_bytes_and_clients_widen_it() -> None:
         assert all(torch.allclose(received[k], params[k], rtol=1e-3, atol=1e-4) for k in params)
         down[method] = strategy.ledger.total("down", "payload_bytes")
     assert down["fp16"] < 0.51 * down["none"]
+    huge = {**params, "w": params["w"] * 1e6}  # beyond float16's ±65504: this round goes out in fp32
+    strategy = CompressedFedAvg(name="h", compression={"method": "none", "downlink": {"method": "fp16"}},
+                                params=huge, sampler=lambda r: [7], server_optimizer=ServerOptimizer("sgd"),
+                                node_partitions={7: 0})
+    (msg,) = strategy.configure_train(1, ArrayRecord({k: Array(v.numpy()) for k, v in huge.items()}), ConfigRecord(),
+                                      None)  # type: ignore[arg-type]
+    assert torch.isfinite(model_from_arrays(msg.content["arrays"])["w"]).all()

@@ -57,6 +57,18 @@ def test_round_time_is_the_slowest_client() -> None:
     assert times == {1: pytest.approx(max(client0, client1)), 2: pytest.approx(0.8 + 2.0)}
 
 
+def test_unknown_senders_are_timed_one_transfer_at_a_time() -> None:
+    """Transfers of unknown partitions (-1) are not summed onto one client; unknown names raise ValueError."""
+    from fedpower.network import resolve_link
+
+    ledger = Ledger()
+    for _ in range(3):
+        ledger.record(Transfer(1, -1, "up", 1_000_000, 1_000_000, 1_000_000))
+    assert round_seconds(ledger, [Link(1.0, 1.0)]) == {1: pytest.approx(8.0)}  # 3 in parallel, not 24 s
+    with pytest.raises(ValueError, match="unknown network profile '5G'"):
+        resolve_link("5G")
+
+
 def test_time_to_target_counts_rounds_until_first_reached() -> None:
     """Cumulative seconds and uplink bytes up to the first round at or above the target; None if never."""
     rows = [{"round": 1, "accuracy": 0.3, "uplink_bytes": 10}, {"round": 2, "accuracy": float("nan"), "uplink_bytes": 10},

@@ -430,9 +430,12 @@ def test_resume_refuses_another_config_and_unknown_folders(tmp_path: Path) -> No
     # A run started by an older version, before some keys existed: their defaults are no change.
     for strategy in experiment["strategies"]:
         del strategy["compression"]["entropy_coding"]
+        strategy["compression"]["downlink"].update(rank=4, error_feedback=True)  # keys this version dropped
     del experiment["network"]
     (out / "config.resolved.json").write_text(json.dumps(experiment))
     proc = _run_py(str(config), "--resume", str(out), "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run_py("--resume", str(out), "--dry-run")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     proc = _run_py("--resume", str(tmp_path), "--dry-run")
     assert proc.returncode == 2 and "no config.resolved.json" in " ".join(proc.stderr.split())

@@ -75,7 +75,8 @@ def allocate_ranks(
 ) -> dict[str, int]:
     """Rank per compressible tensor so one client's payload fits ``budget_bytes``, maximising captured energy.
 
-    ``energy[name]`` are σ² of that tensor's recent update, largest first (missing: spread uniformly).
+    ``energy[name]`` are σ² of that tensor's recent update, largest first. Without any energy the
+    budget is spread as a uniform rank; with energy, a tensor that has none stays at rank 1.
     ValueError when even rank 1 everywhere does not fit.
     """
     size = payload_sizer(bits, block_size)

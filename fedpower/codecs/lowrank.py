@@ -53,7 +53,11 @@ def compressible(
 
 def max_rank(n: int, m: int, min_compression_rate: float) -> int:
     """Largest rank whose factors still save ``min_compression_rate`` on an n × m matrix (0: none does)."""
-    return min(n, m, int(n * m // (min_compression_rate * (n + m))))
+    rank = min(n, m, int(n * m // (min_compression_rate * (n + m))))
+    # The very inequality ``compressible`` uses, so a rounding edge never makes the two disagree.
+    while rank >= 1 and n * m < min_compression_rate * rank * (n + m):
+        rank -= 1
+    return rank
 
 
 def group_by_dims(dims: Mapping[str, MatrixDims]) -> dict[MatrixDims, list[str]]:
