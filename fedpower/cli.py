@@ -109,7 +109,7 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
     from fedpower.experiment import clients_per_round
 
     from fedpower.codecs import layout_of
-    from fedpower.codecs.budget import allocate_ranks
+    from fedpower.codecs.budget import ranks_for
     from fedpower.config import ConfigError
 
     dataset = experiment_data(experiment)[0]
@@ -123,10 +123,7 @@ def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
         compression = entry.get("compression") or {}
         if compression.get("budget_bytes_per_round") is not None:  # needs the model's shapes, so checked here
             try:
-                out[entry["name"]]["first_ranks"] = allocate_ranks(
-                    layout_of(params), float(compression["budget_bytes_per_round"]),
-                    bits=compression.get("quantize_bits"), block_size=int(compression.get("block_size", 128)),
-                    min_compression_rate=float(compression.get("min_compression_rate", 2.0)))
+                out[entry["name"]]["first_ranks"] = ranks_for(compression, layout_of(params))
             except ValueError as err:
                 raise ConfigError(f"strategies.{entry['name']}.compression.budget_bytes_per_round: {err}") from None
     return out

@@ -23,7 +23,7 @@ from fedpower.codecs import (
     PayloadError, basis_from_memory, build_codec, init_basis, is_shared, layout_of, next_basis, pack,
     update_basis_memory,
 )
-from fedpower.codecs.budget import allocate_ranks, spectra
+from fedpower.codecs.budget import ranks_for, spectra
 from fedpower.codecs.packing import entropy_decode
 from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import Codec, weighted_sum
@@ -150,10 +150,7 @@ class CompressedFedAvg(FedAvg):
 
     def _allocate(self) -> dict[str, int]:
         """Ranks per matrix for the byte budget, from the smoothed spectra (uniform before any)."""
-        c = self.compression
-        return allocate_ranks(self.inputs, float(self.budget), bits=c.get("quantize_bits"),
-                              block_size=int(c.get("block_size", 128)),
-                              min_compression_rate=float(c.get("min_compression_rate", 2.0)), energy=self.energy)
+        return ranks_for(self.compression, self.inputs, self.energy)
 
     def _track_spectra(self, update: Mapping[str, torch.Tensor]) -> None:
         """Fold this round's aggregate spectra into the energy estimate and re-allocate the ranks."""

@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpower.checkpoint import ResumePoint, restore_rng, save_run_checkpoint
 from fedpower.codecs import layout_of
-from fedpower.codecs.budget import allocate_ranks
+from fedpower.codecs.budget import ranks_for
 from fedpower.experiment import (
     clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
 )
@@ -95,9 +95,7 @@ def _check_budgets(experiment: Mapping[str, Any], dataset: Any) -> None:
             continue
         layout = layout_of(get_params(experiment_model(experiment, entry["name"], dataset)))
         try:
-            allocate_ranks(layout, float(compression["budget_bytes_per_round"]), bits=compression.get("quantize_bits"),
-                           block_size=int(compression.get("block_size", 128)),
-                           min_compression_rate=float(compression.get("min_compression_rate", 2.0)))
+            ranks_for(compression, layout)
         except ValueError as err:
             raise ValueError(f"strategy {entry['name']}: {err}") from None
 

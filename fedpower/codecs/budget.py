@@ -2,8 +2,8 @@
 
 The uplink payload of independent PowerSGD is Σ_l r_l·(n_l + m_l) factor values plus the tensors sent
 dense (biases, small layers); bytes are counted from the codec's own layouts (codes, scales, headers),
-so the budget is the payload the ledger measures per message (Flower's framing comes on top). Given per-tensor spectra (σ² of a recent update, largest first),
-rank k+1 of tensor l captures σ²_{l,k+1} more energy for (n_l + m_l) more values, so the greedy choice
+so the budget is the payload the ledger measures per message (Flower's framing comes on top).
+Given per-tensor spectra (σ² of a recent update, largest first), rank k+1 of tensor l captures σ²_{l,k+1} more energy for (n_l + m_l) more values, so the greedy choice
 by energy per byte is optimal for decreasing spectra (each tensor's gains are concave in its rank),
 which is the error-minimising allocation of L-GreCo (Markov et al., 2023) solved exactly for this
 separable case. Without spectra the budget is spread as a uniform rank.
@@ -18,7 +18,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from fedpower.codecs.base import ArraySpec
-from fedpower.codecs.lowrank import matrix_dims, max_rank
+from fedpower.codecs.lowrank import compressible, max_rank
 from fedpower.codecs.quantize import Quantize
 
 
@@ -40,16 +40,8 @@ def _factor_bytes(size: Callable[[Mapping[str, ArraySpec]], int], n: int, m: int
 
 def _candidates(inputs: Mapping[str, ArraySpec], min_compression_rate: float) -> dict[str, tuple[int, int, int]]:
     """Name → (n, m, highest useful rank) of the tensors that can be sent low rank at all."""
-    out = {}
-    for name, spec in inputs.items():
-        dims = matrix_dims(tuple(spec.shape), 1)
-        if dims is None:
-            continue
-        n, m, _ = dims
-        top = max_rank(n, m, min_compression_rate)
-        if top >= 1:
-            out[name] = (n, m, top)
-    return out
+    return {name: (n, m, max_rank(n, m, min_compression_rate))
+            for name, (n, m, _) in compressible(inputs, 1, min_compression_rate).items()}
 
 
 def message_bytes(inputs: Mapping[str, ArraySpec], ranks: Mapping[str, int], *, bits: int | None,
@@ -119,6 +111,16 @@ def allocate_ranks(
         left -= cost
         heapq.heappush(heap, (-gain(name) / step_cost(name), name))
     return ranks
+
+
+def ranks_for(compression: Mapping[str, object], inputs: Mapping[str, ArraySpec],
+              energy: Mapping[str, Sequence[float]] | None = None) -> dict[str, int]:
+    """:func:`allocate_ranks` with the budget, bits, block size and rate of a strategy's ``compression``."""
+    return allocate_ranks(inputs, float(compression["budget_bytes_per_round"]),  # type: ignore[arg-type]
+                          bits=compression.get("quantize_bits"),  # type: ignore[arg-type]
+                          block_size=int(compression.get("block_size", 128)),  # type: ignore[arg-type]
+                          min_compression_rate=float(compression.get("min_compression_rate", 2.0)),  # type: ignore[arg-type]
+                          energy=energy)
 
 
 def spectra(update: Mapping[str, torch.Tensor], names: Sequence[str]) -> dict[str, list[float]]:

@@ -288,13 +288,11 @@ def basis_from_memory(memory: Mapping[str, torch.Tensor], basis: Mapping[str, to
         raise ValueError(f"steps must be >= 1, got {steps}")
     out: Tensors = {}
     for name, b in basis.items():
-        a = memory[name]
-        left = orthonormal_basis((a @ b.to(a.device) if side == "left" else a.transpose(0, 1) @ b.to(a.device))[None])
+        forward = memory[name] if side == "left" else memory[name].transpose(0, 1)  # maps the used basis to the next
+        new = orthonormal_basis((forward @ b.to(forward.device))[None])[0]
         for _ in range(steps - 1):
-            other = a.transpose(0, 1) if side == "left" else a
-            back = orthonormal_basis((other @ left[0])[None])
-            left = orthonormal_basis(((a if side == "left" else a.transpose(0, 1)) @ back[0])[None])
-        out[name] = left[0]
+            new = orthonormal_basis((forward @ orthonormal_basis((forward.transpose(0, 1) @ new)[None])[0])[None])[0]
+        out[name] = new
     return out
 
 
