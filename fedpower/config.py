@@ -207,8 +207,14 @@ class TrainConfig(_Model):
 
 
 class SimulationConfig(_Model):
-    """Resources of the Flower simulation engine."""
+    """Which engine runs the simulated clients, and the Ray engine's resources.
 
+    ``inprocess`` (default) runs the same ServerApp and ClientApp in this process, clients one after
+    another, without Ray: no start-up, no actors; measured faster on small machines (BENCHMARKS.md,
+    "Engines"). ``ray`` is Flower's simulation engine: parallel client actors, Ray clusters.
+    """
+
+    engine: Literal["inprocess", "ray"] = "inprocess"
     num_cpus_per_client: float = Field(1.0, gt=0)  # Ray CPU share of one client; actors = CPUs / this
     num_gpus_per_client: float = Field(0.0, ge=0)  # fractional GPUs let clients share one
     ray_address: Optional[str] = None  # an existing Ray cluster ("auto" or "HOST:PORT"); null starts a local one
@@ -219,6 +225,11 @@ class SimulationConfig(_Model):
     @model_validator(mode="after")
     def _local_only(self) -> "SimulationConfig":
         """Resource sizes of a local Ray instance cannot be applied to a cluster that already runs."""
+        ray_only = [key for key in ("ray_address", "max_concurrent_clients", "object_store_memory_mb")
+                    if getattr(self, key) is not None] + (["ray_init_args"] if self.ray_init_args else [])
+        if self.engine == "inprocess" and ray_only:
+            raise ConfigIssues([((ray_only[0],), f"sizes the Ray engine, but simulation.engine is 'inprocess'; set "
+                                 "engine: ray to use it, or remove it")])
         if self.ray_address and (self.object_store_memory_mb is not None or self.ray_init_args):
             field = "object_store_memory_mb" if self.object_store_memory_mb is not None else "ray_init_args"
             raise ConfigIssues([((field,), "sizes a local Ray instance, but ray_address "

@@ -32,7 +32,14 @@ log = logging.getLogger("fedpower.server")
 
 
 def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
-    """node id → partition id, asked of every node once (node ids are random per run)."""
+    """node id → partition id: from the grid when it knows (in-process engine), else asked of every node once.
+
+    Node ids are random per run in Flower's engines, and neither the Ray engine nor a SuperLink tells
+    the ServerApp which partition a node holds, so they cost one query message per node.
+    """
+    known = getattr(grid, "node_partitions", None)
+    if callable(known):
+        return known()
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:

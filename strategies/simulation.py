@@ -1,8 +1,9 @@
-"""The one place that talks to Flower's simulation engine (swap to ``flwr run`` here only).
+"""The one place that starts a simulation engine: ``inprocess`` (our Grid, no Ray) or ``ray`` (Flower's).
 
-Uses ``flwr.simulation.run_simulation`` (Ray backend, deprecated in 1.41 but Flower's in-process
-path): the ServerApp runs in a thread of this process, so results and progress come back as plain
-Python objects.
+Both run the same ServerApp (:func:`strategies.server.make_server_app`) and ClientApp
+(:func:`clients.app.make_client_app`). The Ray engine uses ``flwr.simulation.run_simulation``
+(deprecated in 1.41 but Flower's in-process driver path): the ServerApp runs in a thread of this
+process, so results and progress come back as plain Python objects in both cases.
 """
 
 from __future__ import annotations
@@ -96,22 +97,43 @@ def run_simulation_experiment(
     experiment: Mapping[str, Any], results: RunResults, *, observer: Any = None, verbose: bool = False,
     should_stop: Callable[[], bool] = lambda: False, client_app: Any = None,
 ) -> RunResults:
-    """Run every strategy of the experiment in one Flower simulation; returns the filled results."""
+    """Run every strategy of the experiment on its ``simulation.engine``; returns the filled results."""
     prepare_flower_environment()
     quiet_flower(verbose)
-    from flwr.simulation import run_simulation  # imported late: pulls in Ray
-
     from clients.app import make_client_app
     from strategies.server import make_server_app
 
+    simulation = experiment.get("simulation") or {}
+    server_app = make_server_app(experiment, results, observer, should_stop)
+    client_app = client_app if client_app is not None else make_client_app(experiment)
+    if simulation.get("engine", "inprocess") == "inprocess":
+        run_inprocess(server_app, client_app, int(experiment["data"]["num_clients"]))
+        return results
+    from flwr.simulation import run_simulation  # imported late: pulls in Ray
+
     run_simulation(
-        server_app=make_server_app(experiment, results, observer, should_stop),
-        client_app=client_app if client_app is not None else make_client_app(experiment),
+        server_app=server_app,
+        client_app=client_app,
         num_supernodes=int(experiment["data"]["num_clients"]),
         backend_config=backend_config(experiment.get("simulation") or {}, verbose),  # type: ignore[arg-type]
         verbose_logging=verbose,
     )
     return results
+
+
+def run_inprocess(server_app: Any, client_app: Any, num_nodes: int, run_id: int = 1) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process nodes answering through ``client_app``."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from strategies.inprocess import InProcessGrid
+
+    # Messages the ServerApp creates take their sender from the task identity, as under a SuperLink.
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
+    grid = InProcessGrid(client_app, num_nodes, run_id=run_id)
+    context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={})
+    server_app(grid, context)
 
 
 def simulate(config: Any, *, verbose: bool = False, observer: Any = None) -> RunResults:

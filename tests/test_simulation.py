@@ -1,4 +1,4 @@
-"""End to end through Flower's real simulation engine (one Ray start-up for all checks)."""
+"""End to end through both simulation engines (in-process and Flower's Ray engine), which must agree exactly."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _experiment() -> dict[str, Any]:
              "compression": {"method": "powersgd", "mode": "shared", "rank": 2, "quantize_bits": 8},
              "train": {"rounds": 5},
              "privacy": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0, "target_epsilon": 4.6,
-                         "delta": 1e-5, "sampling": "poisson", "accountant": "rdp", "on_budget_exceeded": "stop"}},
+                         "delta": 1e-5, "sampling": "poisson", "accountant": "rdp", "on_budget_exceeded": "stop",
+                         "noise_seed": 0}},
         ],
     }
 
@@ -74,16 +75,44 @@ def _corrupting_client_app(experiment: dict[str, Any]):
     return app
 
 
+ENGINES = ("inprocess", "ray")
+
+
 @pytest.fixture(scope="module")
-def run() -> Any:
-    """One simulation running all four strategies."""
+def runs() -> dict[str, Any]:
+    """One run of all strategies per engine (Ray starts once for the module)."""
     from fedpower.results import RunResults
     from strategies.simulation import run_simulation_experiment
 
-    experiment = _experiment()
-    results = RunResults(experiment="sim-test", config=experiment)
-    run_simulation_experiment(experiment, results, client_app=_corrupting_client_app(experiment))
-    return results
+    out = {}
+    for engine in ENGINES:
+        experiment = _experiment()
+        experiment["simulation"]["engine"] = engine
+        results = RunResults(experiment="sim-test", config=experiment)
+        run_simulation_experiment(experiment, results, client_app=_corrupting_client_app(experiment))
+        out[engine] = results
+    return out
+
+
+@pytest.fixture(params=ENGINES)
+def run(request: pytest.FixtureRequest, runs: dict[str, Any]) -> Any:
+    """The results of one engine (every check below runs on both)."""
+    return runs[request.param]
+
+
+def test_engines_agree_round_by_round(runs: dict[str, Any]) -> None:
+    """Same seed → the in-process and Ray engines give identical accuracy, loss and ledger bytes every round."""
+    ours, ray = runs["inprocess"], runs["ray"]
+    assert list(ours.strategies) == list(ray.strategies)
+    for name, result in ours.strategies.items():
+        other = ray.strategies[name]
+        assert len(result.rounds) == len(other.rounds) > 0, name
+        for mine, theirs in zip(result.rounds, other.rounds):
+            for key in ("accuracy", "loss", "uplink_bytes", "downlink_bytes", "accepted", "rejected", "epsilon"):
+                assert mine[key] == theirs[key] or (mine[key] != mine[key] and theirs[key] != theirs[key]), \
+                    (name, mine["round"], key, mine[key], theirs[key])
+        assert [(t.round, t.client, t.direction, t.payload_bytes, t.wire_bytes) for t in result.ledger.transfers] \
+            == [(t.round, t.client, t.direction, t.payload_bytes, t.wire_bytes) for t in other.ledger.transfers], name
 
 
 def test_every_strategy_learns_well_above_chance(run: Any) -> None:
