@@ -54,9 +54,12 @@ def compressible(
 def max_rank(n: int, m: int, min_compression_rate: float) -> int:
     """Largest rank whose factors still save ``min_compression_rate`` on an n × m matrix (0: none does)."""
     rank = min(n, m, int(n * m // (min_compression_rate * (n + m))))
-    # The very inequality ``compressible`` uses, so a rounding edge never makes the two disagree.
+    # The very inequality ``compressible`` uses, so a rounding edge never makes the two disagree: the
+    # float quotient above can land one below (19 × 19 at rate 1.9) or above the exact answer.
     while rank >= 1 and n * m < min_compression_rate * rank * (n + m):
         rank -= 1
+    while rank < min(n, m) and n * m >= min_compression_rate * (rank + 1) * (n + m):
+        rank += 1
     return rank
 
 
