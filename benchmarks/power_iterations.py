@@ -44,9 +44,10 @@ from benchmarks.common import machine_info, write_json  # noqa: E402
 from fedpower.codecs import PowerSGD, layout_of  # noqa: E402
 from fedpower.codecs.lowrank import MatrixDims  # noqa: E402
 from fedpower.config import load_config  # noqa: E402
-from fedpower.experiment import clients_per_round, experiment_data, experiment_model, strategy_settings  # noqa: E402
+from fedpower.config import ExperimentConfig  # noqa: E402
+from fedpower.experiment import client_seed, experiment_data, experiment_model  # noqa: E402
 from fedpower.privacy.sampling import fixed_cohort  # noqa: E402
-from fedpower.training import get_params, set_params, train_local  # noqa: E402
+from fedpower.training import get_params, local_update  # noqa: E402
 
 Tensors = dict[str, torch.Tensor]
 CONFIG = ROOT / "configs" / "parity_mlp.yaml"
@@ -98,36 +99,32 @@ def svd_optimum(update: Mapping[str, torch.Tensor], dims: Mapping[str, MatrixDim
     return per_tensor, (math.sqrt(error_sq / norm_sq) if norm_sq > 0 else 0.0)
 
 
-def load_experiment(config: Path) -> dict[str, Any]:
-    """The resolved experiment dict, as run.py hands it to the server and clients."""
-    return load_config(config).to_dict()
+def load_experiment(config: Path) -> ExperimentConfig:
+    """The validated experiment, as run.py hands it to the server and clients."""
+    return load_config(config)
 
 
 def client_update(
-    experiment: Mapping[str, Any], model: torch.nn.Module, global_params: Mapping[str, torch.Tensor],
+    experiment: ExperimentConfig, model: torch.nn.Module, global_params: Mapping[str, torch.Tensor],
     server_round: int, pid: int,
 ) -> Tensors:
     """One client's update ``local − global`` for ``server_round``, trained as handle_train does."""
     _, parts, x_train, y_train, _, _ = experiment_data(experiment)
-    train_cfg = strategy_settings(experiment, STRATEGY)["train"]
-    set_params(model, global_params)
-    seed = int(experiment["seed"]) * 1_000_003 + server_round * 10_007 + pid
-    train_local(model, x_train, y_train, parts[pid], epochs=train_cfg["local_epochs"],
-                batch_size=train_cfg["batch_size"], optimizer=train_cfg["optimizer"], lr=train_cfg["lr"],
-                momentum=train_cfg.get("momentum", 0.0), weight_decay=train_cfg.get("weight_decay", 0.0), seed=seed)
-    local = get_params(model)
-    return {name: local[name] - global_params[name] for name in global_params}
+    settings = experiment.resolve(STRATEGY)
+    seed = client_seed(settings.seed, server_round, pid)
+    return local_update(model, global_params, x_train, y_train, parts[pid], settings.train, seed)[0]
 
 
 def collect_updates(
-    experiment: Mapping[str, Any], rounds: Sequence[int], clients: int,
+    experiment: ExperimentConfig, rounds: Sequence[int], clients: int,
 ) -> dict[int, list[tuple[int, Tensors, Tensors | None]]]:
     """Round → [(partition id, update, same client's update one round earlier or None)] for the collected rounds."""
     dataset = experiment_data(experiment)[0]
-    model = experiment_model(experiment, STRATEGY, dataset).to("cpu")
-    num_clients = int(experiment["data"]["num_clients"])
-    cohort_size = clients_per_round(strategy_settings(experiment, STRATEGY)["train"], num_clients)
-    seed = int(experiment["seed"])
+    settings = experiment.resolve(STRATEGY)
+    model = experiment_model(settings, dataset).to("cpu")
+    num_clients = settings.num_clients
+    cohort_size = settings.clients_per_round
+    seed = settings.seed
     global_params = get_params(model)
     previous_global: Tensors | None = None
     collected: dict[int, list[tuple[int, Tensors, Tensors | None]]] = {}
@@ -154,11 +151,11 @@ def config_key(rank: int, deflation: bool, start: str) -> str:
 
 
 def measure(
-    experiment: Mapping[str, Any], collected: Mapping[int, list[tuple[int, Tensors, Tensors | None]]],
+    experiment: ExperimentConfig, collected: Mapping[int, list[tuple[int, Tensors, Tensors | None]]],
 ) -> list[dict[str, Any]]:
     """One record per (round, client, rank, deflation, start, iterations) with codec and SVD errors."""
     records: list[dict[str, Any]] = []
-    seed = int(experiment["seed"])
+    seed = experiment.seed
     for server_round, rows in collected.items():
         for pid, update, earlier in rows:
             inputs = layout_of(update)

@@ -98,20 +98,21 @@ def noised_numbers(experiment: Mapping[str, Any], name: str) -> int:
 
     from fedpower.codecs import build_codec, is_shared, layout_of
     from fedpower.codecs.powersgd import basis_layout
-    from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+    from fedpower.experiment import as_experiment, experiment_data, experiment_model
     from fedpower.training import get_params
 
-    settings = strategy_settings(experiment, name)
-    model = experiment_model(experiment, name, experiment_data(experiment)[0])
+    config = as_experiment(experiment)
+    settings = config.resolve(name)
+    model = experiment_model(settings, experiment_data(config)[0])
     zeros = {k: torch.zeros_like(v) for k, v in get_params(model).items()}
     inputs = layout_of(zeros)
-    compression = settings["compression"]
+    compression = settings.compression
     sides = ("left", "right") if is_shared(compression) else ("left",)
     sizes = []
     for side in sides:
         basis = None
         if is_shared(compression):
-            blayout = basis_layout(inputs, compression.get("rank", 4), compression.get("min_compression_rate", 2.0), side)
+            blayout = basis_layout(inputs, compression.rank, compression.min_compression_rate, side)
             basis = {k: torch.ones(tuple(spec.shape)) for k, spec in blayout.items()}
         codec = build_codec(compression, basis=basis, side=side)  # type: ignore[arg-type]
         state = codec.init_state(inputs, torch.device("cpu"), seed=0)
@@ -122,9 +123,9 @@ def noised_numbers(experiment: Mapping[str, Any], name: str) -> int:
 
 def analyse(results: Mapping[str, Any], index: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per (method, ε): accuracy, σ, ε spent, bytes, noise energy."""
-    from fedpower.experiment import privacy_plan
+    from fedpower.experiment import as_experiment, privacy_plan
 
-    experiment = results["config"]
+    experiment = as_experiment(results["config"])
     by_name = {s["name"]: s for s in results["strategies"]}
     baseline_up: dict[float | None, int] = {}
     for name, s in by_name.items():
@@ -136,7 +137,7 @@ def analyse(results: Mapping[str, Any], index: Mapping[str, Mapping[str, Any]]) 
         meta = index.get(name, {"method": name, "epsilon": None})
         evaluated = [r["accuracy"] for r in s["rounds"] if r.get("accuracy") is not None and math.isfinite(r["accuracy"])]
         last = evaluated[-LAST_N:]
-        plan = privacy_plan(experiment, name)
+        plan = privacy_plan(experiment.resolve(name))
         dims = noised_numbers(experiment, name)
         up = s["final"]["uplink_bytes_total"]
         base = baseline_up.get(meta["epsilon"])

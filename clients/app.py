@@ -1,15 +1,14 @@
-"""The fedpower ClientApp: local training, update compression with error feedback, evaluation.
+"""The fedpower ClientApp: local training, then :func:`fedpower.round.client_step`; evaluation on request.
 
-Message contract (server → client, train): ``arrays`` = global model (ArrayRecord), ``config`` =
-ConfigRecord {strategy, server-round, dense, side, basis-id}, and for shared PowerSGD ``basis`` = one flat
+Message contract (server → client, train): ``arrays`` = global model (ArrayRecord), ``config`` = the
+round's :class:`~fedpower.plan.RoundPlan` record, and for shared PowerSGD ``basis`` = one flat
 float32 array. Reply: ``payload`` = one flat array per dtype, ``metrics`` = MetricRecord
-{num-examples, train_loss, partition-id, server-round, basis-id, reply-delay-s}. Layouts are derived
-on both ends, never sent. A client that drops out (``clients/failures.py``) replies with an error.
+{num-examples, train_loss, partition-id, state norms, the plan's echo, reply-delay-s}. Layouts are
+derived on both ends, never sent. A client that drops out (``clients/failures.py``) replies with an error.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Mapping
@@ -18,16 +17,17 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
-from fedpower.codecs.packing import entropy_encode
-from fedpower.codecs.powersgd import basis_layout
-from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.codecs import layout_of, unpack
+from fedpower.config import ExperimentConfig, StrategyConfig, TrainConfig
+from fedpower.experiment import as_experiment, client_seed, experiment_data, experiment_model
+from fedpower.plan import RoundPlan
 from fedpower.records import model_from_arrays
-from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
-from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
+from fedpower.round import NUM_EXAMPLES, PARTITION, TRAIN_LOSS, client_step
+from fedpower.server_state import received_basis_layout, round_codec, sends_basis
+from fedpower.training import evaluate, local_update, pick_device, set_params
 
 from clients.failures import DELAY_METRIC, dropout_reply, reply_delay
-from clients.state_store import StateStore, make_store
+from clients.state_store import make_store
 
 log = logging.getLogger("fedpower.client")
 
@@ -40,172 +40,91 @@ def partition_id(context: Context) -> int:
         raise RuntimeError("node config lacks 'partition-id' (pass --node-config 'partition-id=N')") from err
 
 
-def node_device(context: Context, train_cfg: Mapping[str, Any]) -> torch.device:
+def node_device(context: Context, train: TrainConfig) -> torch.device:
     """Where this node trains: node-config ``device``, else $FEDPOWER_DEVICE, else the experiment's train.device."""
-    chosen = str(context.node_config.get("device") or "") or os.environ.get("FEDPOWER_DEVICE") or train_cfg.get(
-        "device", "auto")
+    chosen = str(context.node_config.get("device") or "") or os.environ.get("FEDPOWER_DEVICE") or train.device
     return pick_device(chosen)
 
 
-def load_client_state(store: StateStore, strategy: str, pid: int, server_round: int,
-                      fresh: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor] | None:
-    """The codec state saved before ``server_round`` if it fits the codec's fresh state, else None.
-
-    A state whose names or shapes differ from ``fresh`` (the model or codec settings changed between
-    runs sharing a state folder) is not usable: the client starts fresh and logs why.
-    """
-    arrays = store.load(strategy, pid, before_round=server_round)
-    if arrays is None:
+def _basis(msg: Message, settings: StrategyConfig, plan: RoundPlan, update: Mapping[str, torch.Tensor],
+           device: torch.device) -> dict[str, torch.Tensor] | None:
+    """The shared basis the round's message carries (None when the round has none)."""
+    if not sends_basis(settings.compression, plan):
         return None
-    # A warm-start Q may have another column count when ranks were re-allocated; the codec refits it.
-    expected = {name: _row_shape(name, tuple(t.shape)) for name, t in fresh.items()}
-    found = {name: _row_shape(name, tuple(a.shape)) for name, a in arrays.items()}
-    if found != expected:
-        log.warning("client state of %s (partition %d) does not fit the codec (%d saved arrays, %d expected, or "
-                    "shapes differ); starting from a fresh state", strategy, pid, len(found), len(expected))
-        return None
-    return {name: torch.from_numpy(arr).to(device=device, dtype=fresh[name].dtype) for name, arr in arrays.items()}
+    layout = received_basis_layout(settings.compression, plan, layout_of(update))
+    return unpack({"float32": msg.content["basis"]["float32"].numpy()}, layout, device)
 
 
-def _row_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Shape used to match saved state to the codec: a PowerSGD warm start ``*.Q`` only by its rows."""
-    return shape[:1] if name.endswith(".Q") and len(shape) == 2 else shape
-
-
-def save_client_state(store: StateStore, strategy: str, pid: int, server_round: int,
-                      state: Mapping[str, torch.Tensor]) -> None:
-    """Persist the codec state of ``server_round`` (kept across rounds, also when rounds are skipped)."""
-    if not state:  # a codec without error feedback or warm start has nothing to keep
-        return
-    store.save(strategy, pid, server_round, {name: t.detach().cpu().numpy() for name, t in state.items()})
-
-
-def state_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of the error-feedback residual (lets the server check that client state persists)."""
-    total = sum(float(t.double().pow(2).sum()) for k, t in state.items() if k.startswith("residual/"))
-    return total ** 0.5
-
-
-def client_privacy(privacy: Mapping[str, Any], config: Mapping[str, Any]) -> ClientPrivacy:
-    """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the server's)."""
-    clip_norm = float(privacy["clip_norm"])
-    clip_feedback = bool(privacy.get("clip_feedback", True))
-    if privacy["mode"] != "local":
-        return ClientPrivacy(clip_norm=clip_norm, clip_feedback=clip_feedback)
-    sigma = privacy.get("noise_multiplier")
-    if sigma is None:  # calibrated to target_epsilon by the server, which sends it each round
-        sigma = config["dp-noise-multiplier"]
-    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm, clip_feedback=clip_feedback)
-
-
-def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
-    """Train locally and reply with the compressed update."""
-    config = msg.content["config"]
-    strategy = str(config["strategy"])
-    server_round = int(config["server-round"])
-    settings = strategy_settings(experiment, strategy)
-    train_cfg, compression = settings["train"], settings["compression"]
-    device = node_device(context, train_cfg)
-    pid = partition_id(context)
-    if (dropped := dropout_reply(msg, train_cfg, int(experiment["seed"]), server_round, pid)) is not None:
-        return dropped  # simulated dropout, before any training or state I/O: the residual stays as it was
-    dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
-
-    model = experiment_model(experiment, strategy, dataset).to(device)
-    global_params = model_from_arrays(msg.content["arrays"], device)
-    set_params(model, global_params)
-    seed = int(experiment["seed"]) * 1_000_003 + server_round * 10_007 + pid
-    num_examples, loss = train_local(
-        model, x_train, y_train, parts[pid], epochs=train_cfg["local_epochs"], batch_size=train_cfg["batch_size"],
-        optimizer=train_cfg["optimizer"], lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.0),
-        weight_decay=train_cfg.get("weight_decay", 0.0), seed=seed)
-    local = get_params(model)
-    update = {name: local[name] - global_params[name] for name in global_params}
-    inputs = layout_of(update)
-
-    dense = bool(config.get("dense", False))
-    basis = None
-    side = str(config.get("side", "left"))
-    if is_shared(compression) and not dense:
-        blayout = basis_layout(inputs, compression.get("rank", 4), compression.get("min_compression_rate", 2.0),
-                               "left" if side == "left" else "right")
-        basis = unpack({"float32": msg.content["basis"]["float32"].numpy()}, blayout, device)
-    ranks = json.loads(str(config["ranks"])) if "ranks" in config else None  # a byte-budget allocation
-    codec = build_codec(compression, dense=dense, basis=basis, side=side, ranks=ranks)  # type: ignore[arg-type]
-    fresh = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
-    store = make_store(experiment, context)
-    # Dense rounds (warm-up before compression starts) neither use nor change the codec state.
-    state = fresh if dense else (load_client_state(store, strategy, pid, server_round, fresh, device) or fresh)
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    state_norm_in = state_norm(state)
-    privacy = settings.get("privacy")
-    if privacy:
-        dp = client_privacy(privacy, config)
-        noise = (noise_generator(privacy.get("noise_seed"), int(experiment["seed"]), server_round, pid)
-                 if dp.noise_std > 0 else None)
-        encoded, new_state, info = private_encode(codec, update, None if dense else state, dp, generator, noise)
-        if not dense:
-            state = new_state
-            save_client_state(store, strategy, pid, server_round, state)
-    else:
-        info = {}
-        if dense:
-            encoded, _ = codec.encode(update, None, generator)
-        else:
-            encoded, state = codec.encode(update, state, generator)
-            save_client_state(store, strategy, pid, server_round, state)
-    packed = pack(encoded, codec.layout(inputs))
-    if compression.get("entropy_coding", "none") == "zlib":
-        packed = entropy_encode(packed)
-    metrics: dict[str, Any] = {"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
-                               "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}
-    if privacy and privacy["mode"] == "local":
+def _reply_metrics(settings: StrategyConfig, plan: RoundPlan, pid: int, examples: int, loss: float,
+                   step_metrics: Mapping[str, float]) -> dict[str, Any]:
+    """The reply's metrics: the plan's echo always; training statistics only to a server trusted with them."""
+    if settings.privacy is not None and settings.privacy.mode == "local":
         # The server is not trusted under local DP: send nothing un-noised about the data.
-        metrics = {"num-examples": 1, "partition-id": pid}
-    elif privacy:
-        metrics["update_norm"] = info["clip_norm_in"]  # to a trusted server only: helps choosing C
+        metrics: dict[str, Any] = {NUM_EXAMPLES: 1, PARTITION: pid}
+    else:
+        metrics = {NUM_EXAMPLES: int(examples), TRAIN_LOSS: float(loss), PARTITION: pid, **step_metrics}
     # Echoed so the server can refuse a reply computed for another round or basis; the delay is simulated.
-    metrics.update({"server-round": server_round, "basis-id": int(config.get("basis-id", -1)),
-                    DELAY_METRIC: reply_delay(train_cfg, int(experiment["seed"]), server_round, pid)})
+    return {**metrics, **plan.echo(),
+            DELAY_METRIC: reply_delay(settings.train.failures, settings.seed, plan.round, pid)}
+
+
+def handle_train(msg: Message, context: Context, experiment: ExperimentConfig) -> Message:
+    """Train locally and reply with the compressed update."""
+    plan = RoundPlan.from_record(msg.content["config"])
+    settings = experiment.resolve(plan.strategy)
+    pid = partition_id(context)
+    if (dropped := dropout_reply(msg, settings.train.failures, settings.seed, plan.round, pid)) is not None:
+        return dropped  # simulated dropout, before any training or state I/O: the residual stays as it was
+    device = node_device(context, settings.train)
+    dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
+    global_params = model_from_arrays(msg.content["arrays"], device)
+    seed = client_seed(settings.seed, plan.round, pid)
+    update, examples, loss = local_update(experiment_model(settings, dataset).to(device), global_params, x_train,
+                                          y_train, parts[pid], settings.train, seed)
+    codec = round_codec(settings.compression, plan, _basis(msg, settings, plan, update, device))
+    store = make_store(experiment.client_state, experiment.experiment, context)
+    saved = None if plan.dense else store.load(settings.name, pid, before_round=plan.round)
+    payload, state, step_metrics = client_step(update, saved, plan, settings, codec, partition=pid, seed=seed)
+    if state:  # dense warm-up rounds and stateless codecs keep nothing new
+        store.save(settings.name, pid, plan.round, {n: t.detach().cpu().numpy() for n, t in state.items()})
     reply = RecordDict({
-        "payload": ArrayRecord({dtype: Array(buf) for dtype, buf in packed.items()}),
-        "metrics": MetricRecord(metrics),
+        "payload": ArrayRecord({dtype: Array(buf) for dtype, buf in payload.items()}),
+        "metrics": MetricRecord(_reply_metrics(settings, plan, pid, examples, loss, step_metrics)),
     })
     return Message(reply, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
+def handle_evaluate(msg: Message, context: Context, experiment: ExperimentConfig) -> Message:
     """Evaluate the global model on this client's own partition (federated evaluation)."""
-    config = msg.content["config"]
-    strategy = str(config["strategy"])
-    settings = strategy_settings(experiment, strategy)
-    device = node_device(context, settings["train"])
+    plan = RoundPlan.from_record(msg.content["config"])
+    settings = experiment.resolve(plan.strategy)
+    device = node_device(context, settings.train)
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
-    model = experiment_model(experiment, strategy, dataset).to(device)
+    model = experiment_model(settings, dataset).to(device)
     set_params(model, model_from_arrays(msg.content["arrays"], device))
     idx = torch.as_tensor(parts[partition_id(context)], dtype=torch.long)
     loss, accuracy = evaluate(model, x_train[idx], y_train[idx])
-    metrics = MetricRecord({"num-examples": len(idx), "eval_loss": loss, "eval_accuracy": accuracy})
+    metrics = MetricRecord({NUM_EXAMPLES: len(idx), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
 
 
 def handle_query(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random; sampling keys on partitions)."""
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id(context)})}), reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({PARTITION: partition_id(context)})}), reply_to=msg)
 
 
-def make_client_app(experiment: Mapping[str, Any]) -> ClientApp:
-    """A ClientApp bound to one resolved experiment dict."""
+def make_client_app(experiment: ExperimentConfig | Mapping[str, Any]) -> ClientApp:
+    """A ClientApp bound to one experiment, which travels as JSON and is re-validated where the app runs."""
     app = ClientApp()
-    experiment = dict(experiment)
+    text = as_experiment(experiment).model_dump_json()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return handle_train(msg, context, experiment)
+        return handle_train(msg, context, as_experiment(text))
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return handle_evaluate(msg, context, experiment)
+        return handle_evaluate(msg, context, as_experiment(text))
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Error, Message
 
+from fedpower.config import FailuresConfig
+
 SIMULATED_FAILURE_CODE = 9001  # outside Flower's ErrorCode range (0–8)
 DROPOUT_REASON = "fedpower: simulated dropout"
 DELAY_METRIC = "reply-delay-s"
@@ -39,7 +41,8 @@ class FailureDraw:
     delay_s: float  # simulated extra reply delay (0 for a client that is not slow)
 
 
-def draw_failure(failures: Mapping[str, Any] | None, seed: int, server_round: int, partition: int) -> FailureDraw:
+def draw_failure(failures: FailuresConfig | Mapping[str, Any] | None, seed: int, server_round: int,
+                 partition: int) -> FailureDraw:
     """This client's fate in this round, from the ``failures`` settings (None: no failures).
 
     The three random numbers are always drawn in the same order, whatever the settings: a client that
@@ -47,36 +50,27 @@ def draw_failure(failures: Mapping[str, Any] | None, seed: int, server_round: in
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(server_round), int(partition), _STREAM]))
     u_drop, u_slow, exponential = rng.random(), rng.random(), rng.standard_exponential()
-    settings = dict(failures or {})
-    dropped = bool(u_drop < float(settings.get("dropout", 0.0) or 0.0))
-    slow = bool(u_slow < float(settings.get("straggler_fraction", 0.0) or 0.0))
-    delay = float(exponential * float(settings.get("straggler_delay_s", 0.0) or 0.0)) if slow else 0.0
+    settings = failures if isinstance(failures, FailuresConfig) else FailuresConfig.model_validate(dict(failures or {}))
+    dropped = bool(u_drop < settings.dropout)
+    slow = bool(u_slow < settings.straggler_fraction)
+    delay = float(exponential * settings.straggler_delay_s) if slow else 0.0
     return FailureDraw(dropped=dropped, delay_s=delay)
 
 
-def dropout_reply(msg: Message, train: Mapping[str, Any], seed: int, server_round: int,
+def dropout_reply(msg: Message, failures: FailuresConfig, seed: int, server_round: int,
                   partition: int) -> Message | None:
     """The reply of a client that drops out this round, or None when it goes on (call before any state I/O)."""
-    if not draw_failure(train.get("failures"), seed, server_round, partition).dropped:
+    if not draw_failure(failures, seed, server_round, partition).dropped:
         return None
     return Message(Error(code=SIMULATED_FAILURE_CODE, reason=f"{DROPOUT_REASON} (round {server_round}, partition "
                                                             f"{partition})"), reply_to=msg)
 
 
-def reply_delay(train: Mapping[str, Any], seed: int, server_round: int, partition: int) -> float:
+def reply_delay(failures: FailuresConfig, seed: int, server_round: int, partition: int) -> float:
     """Simulated extra seconds before this client's reply arrives (0 unless it is a straggler)."""
-    return draw_failure(train.get("failures"), seed, server_round, partition).delay_s
+    return draw_failure(failures, seed, server_round, partition).delay_s
 
 
 def is_simulated_dropout(msg: Message) -> bool:
     """Whether an error reply is a simulated dropout (not a real client error)."""
     return msg.has_error() and int(msg.error.code) == SIMULATED_FAILURE_CODE
-
-
-def is_late(metrics: Mapping[str, Any], failures: Mapping[str, Any] | None) -> bool:
-    """Whether a reply's reported simulated delay is past the round deadline (no deadline: never)."""
-    deadline = (failures or {}).get("round_deadline_s")
-    if deadline is None:
-        return False
-    delay = float(metrics.get(DELAY_METRIC, 0.0))
-    return not np.isfinite(delay) or delay > float(deadline)

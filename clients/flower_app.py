@@ -9,16 +9,15 @@ warm-start factors on disk, so they survive a SuperNode restart).
 
 from __future__ import annotations
 
-from typing import Any
-
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from clients.app import handle_evaluate, handle_query, handle_train
 from fedpower.app_config import check_partition, experiment_from_run_config
+from fedpower.config import ExperimentConfig
 
 
-def node_experiment(context: Context) -> dict[str, Any]:
+def node_experiment(context: Context) -> ExperimentConfig:
     """The run's experiment as this node sees it (its own data file), after checking its partition id."""
     experiment = experiment_from_run_config(context.run_config, context.node_config)
     check_partition(context.node_config, experiment)

@@ -37,6 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 
 from fedpower.atomic import atomic_savez
+from fedpower.config import ClientStateConfig
 
 log = logging.getLogger("fedpower.client.state")
 
@@ -216,26 +217,25 @@ def _set_aside(path: Path, why: str) -> None:
         pass  # read-only or already gone: the next load warns again, which is the honest outcome
 
 
-def make_store(experiment: Mapping[str, Any], context: Context) -> MemoryStore | DiskStore:
+def make_store(client_state: ClientStateConfig, experiment: str, context: Context) -> MemoryStore | DiskStore:
     """The store this node uses: node-config ``state-dir``, else the experiment's ``client_state`` block.
 
     A DiskStore is scoped to ``<dir>/<experiment name>``: two experiments never share state, and a run
     of the same experiment with the same directory continues from the state it finds (resume); start
     from an empty directory for a fresh start.
     """
-    settings = dict(experiment.get("client_state") or {})
-    dtype = settings.get("dtype") or "float32"
+    dtype = client_state.dtype
     node_dir = str(context.node_config.get("state-dir") or "")
     if node_dir:  # a device's own setting wins: it knows where its persistent storage is
         directory = node_dir
-    elif settings.get("store", "memory") == "disk":
-        directory = settings.get("dir") or ""
+    elif client_state.store == "disk":
+        directory = client_state.dir or ""
         if not directory:
             raise ValueError("client_state.store is 'disk' but no directory is set: set client_state.dir in the "
                              "experiment or pass --node-config 'state-dir=/path' to the SuperNode")
     else:
         return MemoryStore(context.state, dtype)
-    return DiskStore(Path(directory) / _scope_name(str(experiment.get("experiment") or "experiment")), dtype)
+    return DiskStore(Path(directory) / _scope_name(experiment), dtype)
 
 
 def _scope_name(experiment: str) -> str:

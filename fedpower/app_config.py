@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedpower.config import ConfigError, load_config
+from fedpower.config import ConfigError, ExperimentConfig, load_config
 
 #: Run-config keys of the Flower app and what they mean (defaults in pyproject.toml).
 RUN_CONFIG_KEYS = {
@@ -38,8 +38,8 @@ def split_overrides(text: str) -> list[str]:
 
 
 def experiment_from_run_config(run_config: Mapping[str, Any],
-                               node_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The resolved experiment dict named by the run config, with this node's ``data-path`` applied.
+                               node_config: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """The validated experiment named by the run config, with this node's ``data-path`` applied.
 
     Raises ConfigError (naming the run-config key or the YAML field) on any mistake.
     """
@@ -54,10 +54,10 @@ def experiment_from_run_config(run_config: Mapping[str, Any],
     data_path = str((node_config or {}).get("data-path") or "")
     if data_path:  # JSON quoting keeps a path such as "yes" or "1.0" a YAML string
         overrides.append(f"data.path={json.dumps(str(Path(data_path).expanduser().resolve()))}")
-    return load_config(path, overrides).to_dict()
+    return load_config(path, overrides)
 
 
-def check_partition(node_config: Mapping[str, Any], experiment: Mapping[str, Any]) -> int:
+def check_partition(node_config: Mapping[str, Any], experiment: ExperimentConfig) -> int:
     """This node's partition id, checked against the experiment's number of clients."""
     if "partition-id" not in node_config:
         raise ConfigError("this SuperNode has no 'partition-id': start it with --node-config "
@@ -66,7 +66,7 @@ def check_partition(node_config: Mapping[str, Any], experiment: Mapping[str, Any
         partition = int(node_config["partition-id"])
     except (TypeError, ValueError):
         raise ConfigError(f"node config 'partition-id' must be an integer, got {node_config['partition-id']!r}") from None
-    clients = int(experiment["data"]["num_clients"])
+    clients = experiment.data.num_clients
     if not 0 <= partition < clients:
         raise ConfigError(f"node config 'partition-id' is {partition}, but data.num_clients is {clients}: "
                           f"use 0 to {clients - 1}")
@@ -77,9 +77,9 @@ def check_partition(node_config: Mapping[str, Any], experiment: Mapping[str, Any
     return partition
 
 
-def output_dir(run_config: Mapping[str, Any], experiment: Mapping[str, Any], run_id: int) -> Path:
+def output_dir(run_config: Mapping[str, Any], experiment: ExperimentConfig, run_id: int) -> Path:
     """Where the ServerApp writes the run's outputs (run-config ``out-dir``, else results/<experiment>-run<id>)."""
     chosen = str(run_config.get("out-dir") or "")
     if chosen:
         return Path(chosen).expanduser().resolve()
-    return (Path("results") / f"{experiment['experiment']}-run{run_id}").resolve()
+    return (Path("results") / f"{experiment.experiment}-run{run_id}").resolve()

@@ -18,6 +18,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from fedpower.config import ConfigError, ExperimentConfig
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -102,54 +104,48 @@ def _setup_logging(out_dir: Path, verbose: bool) -> None:
                 h.setLevel(logging.ERROR)
 
 
-def dense_summary(experiment: dict[str, Any]) -> dict[str, Any]:
-    """Model size and dense fp32 bytes per round, for --dry-run."""
-    from fedpower.experiment import experiment_data, experiment_model
-    from fedpower.training import get_params
-    from fedpower.experiment import clients_per_round
-
+def dense_summary(experiment: ExperimentConfig) -> dict[str, Any]:
+    """Model size and dense fp32 bytes per round of each strategy (its own cohort), for --dry-run."""
     from fedpower.codecs import layout_of
     from fedpower.codecs.budget import ranks_for
-    from fedpower.config import ConfigError
+    from fedpower.experiment import experiment_data, experiment_model
+    from fedpower.training import get_params
 
     dataset = experiment_data(experiment)[0]
     out: dict[str, Any] = {}
-    for entry in experiment["strategies"]:
-        params = get_params(experiment_model(experiment, entry["name"], dataset))
+    for settings in experiment.resolved():
+        params = get_params(experiment_model(settings, dataset))
         numel = sum(t.numel() for t in params.values())
-        cohort = clients_per_round(experiment["train"], int(experiment["data"]["num_clients"]))
-        out[entry["name"]] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
-                              "dense_uplink_bytes_per_round": 4 * numel * cohort}
-        compression = entry.get("compression") or {}
-        if compression.get("budget_bytes_per_round") is not None:  # needs the model's shapes, so checked here
+        out[settings.name] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
+                              "clients_per_round": settings.clients_per_round,
+                              "dense_uplink_bytes_per_round": 4 * numel * settings.clients_per_round}
+        if settings.compression.budget_bytes_per_round is not None:  # needs the model's shapes, so checked here
             try:
-                out[entry["name"]]["first_ranks"] = ranks_for(compression, layout_of(params))
+                out[settings.name]["first_ranks"] = ranks_for(settings.compression, layout_of(params))
             except ValueError as err:
-                raise ConfigError(f"strategies.{entry['name']}.compression.budget_bytes_per_round: {err}") from None
+                raise ConfigError(f"strategies.{settings.name}.compression.budget_bytes_per_round: {err}") from None
     return out
 
 
-def privacy_summary(experiment: dict[str, Any]) -> list[str]:
+def privacy_summary(experiment: ExperimentConfig) -> list[str]:
     """One line per DP strategy: resolved σ (calibrated if asked) and ε after the planned rounds.
 
     Raises BudgetExceeded (``on_budget_exceeded: error`` with a budget the planned rounds exceed) or
     ValueError (settings the accountant cannot analyse).
     """
     from fedpower.experiment import privacy_plan
-
     from fedpower.privacy import BudgetExceeded
 
     lines = []
-    for entry in experiment["strategies"]:
-        name = entry["name"]
+    for settings in experiment.resolved():
         try:
-            plan = privacy_plan(experiment, name)
+            plan = privacy_plan(settings)
         except BudgetExceeded as err:
-            raise BudgetExceeded(f"strategies[{name}].privacy.target_epsilon: {err}") from None
+            raise BudgetExceeded(f"strategies[{settings.name}].privacy.target_epsilon: {err}") from None
         except ValueError as err:
-            raise ValueError(f"strategies[{name}].privacy: {err}") from None
+            raise ValueError(f"strategies[{settings.name}].privacy: {err}") from None
         if plan is not None:
-            lines.append(f"{name}: {plan.planned_summary()}")
+            lines.append(f"{settings.name}: {plan.planned_summary()}")
     return lines
 
 
@@ -211,11 +207,9 @@ def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[
                               "changed experiment is a new run (use --out)")
         return parse_config(migrate_saved_config(saved), source=str(saved_path))
     config = load_config(config_arg, overrides)
-    given = config.to_dict()
-    state = given.get("client_state") or {}
-    if state.get("store") == "disk" and not state.get("dir"):  # run.py put it in the output folder
-        state["dir"] = str((resume_dir / "client_state").resolve())
-    differences = _differences(_with_current_defaults(saved, str(saved_path)), given)
+    if config.client_state.store == "disk" and not config.client_state.dir:  # run.py put it in the output folder
+        config.client_state.dir = str((resume_dir / "client_state").resolve())
+    differences = _differences(_with_current_defaults(saved, str(saved_path)), config.to_dict())
     if differences:
         shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
         raise ConfigError(f"--resume {resume_dir}: {config_arg} (with its --set values) differs from the config that "
@@ -224,7 +218,7 @@ def resume_config(resume_dir: Path, config_arg: str | None, overrides: Sequence[
     return config
 
 
-def attach_resume_point(results: Any, out_dir: Path, experiment: dict[str, Any], console: Console) -> bool:
+def attach_resume_point(results: Any, out_dir: Path, config: ExperimentConfig, console: Console) -> bool:
     """Put ``out_dir``'s checkpoint into ``results``; True when that run had finished already.
 
     Raises CheckpointError (unreadable checkpoint) or ConfigError (a checkpoint of another config).
@@ -237,7 +231,8 @@ def attach_resume_point(results: Any, out_dir: Path, experiment: dict[str, Any],
         console.print(f"[yellow]{escape(str(out_dir))} has no checkpoint yet (no round had finished): starting from "
                       "round 1.[/]")
         return False
-    differences = _differences(_with_current_defaults(point.experiment, str(out_dir / "checkpoint.npz")), experiment)
+    differences = _differences(_with_current_defaults(point.experiment, str(out_dir / "checkpoint.npz")),
+                               config.to_dict())
     if differences:
         raise ConfigError(f"--resume {out_dir}: checkpoint.npz was written for another config than "
                           f"config.resolved.json ({'; '.join(differences[:3])}); the folder was changed by hand")
@@ -246,10 +241,10 @@ def attach_resume_point(results: Any, out_dir: Path, experiment: dict[str, Any],
         console.print("That run had finished; writing its outputs again.")
         return True
     results.resume_from = point
-    name = experiment["strategies"][point.strategy_index]["name"]
+    name = config.strategies[point.strategy_index].name
     console.print(f"Resuming {escape(name)} after round {point.completed_round}.")
     logging.getLogger("fedpower").info("resuming %s after round %d from %s", name, point.completed_round, out_dir)
-    if (experiment.get("client_state") or {}).get("store", "memory") != "disk":
+    if config.client_state.store != "disk":
         console.print("[yellow]warning: client_state.store is 'memory', so the clients' error-feedback residuals and "
                       "warm starts died with the interrupted run; they restart from zero and the metrics will differ "
                       "from an uninterrupted run. Set client_state: {store: disk} for exact resumes.[/]")
@@ -299,39 +294,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         err_console.print(f"[bold red]config error:[/] {err}", highlight=False, markup=True)
         return EXIT_USAGE
-    experiment = config.to_dict()
     from fedpower.privacy import BudgetExceeded
 
     try:  # calibrates σ / checks budgets up front: an impossible budget is a config error, not a failed run
-        privacy_lines = privacy_summary(experiment)
+        privacy_lines = privacy_summary(config)
     except (BudgetExceeded, ValueError) as err:
         err_console.print(f"[bold red]config error:[/] {escape(str(err))}", highlight=False)
         return EXIT_USAGE
 
     if args.dry_run:
-        console.print_json(json.dumps(experiment, default=str))
+        console.print_json(json.dumps(config.to_dict(), default=str))
         for line in privacy_lines:
             console.print(f"privacy {escape(line)}", highlight=False, soft_wrap=True)
         try:
-            summary = dense_summary(experiment)
+            summary = dense_summary(config)
         except Exception as err:  # noqa: BLE001 - data/model errors are user errors here
             err_console.print(f"[bold red]error:[/] {escape(str(err))}")
             return EXIT_USAGE
         for name, info in summary.items():
             console.print(f"{name}: {info['parameters']:,} parameters; dense fp32 update "
-                          f"{info['dense_fp32_bytes_per_client']:,} B per client, "
-                          f"{info['dense_uplink_bytes_per_round']:,} B uplink per round", highlight=False)
+                          f"{info['dense_fp32_bytes_per_client']:,} B per client, {info['clients_per_round']} "
+                          f"clients per round, {info['dense_uplink_bytes_per_round']:,} B uplink per round",
+                          highlight=False)
             if "first_ranks" in info:
                 ranks = ", ".join(f"{k} {v}" for k, v in info["first_ranks"].items())
                 console.print(f"{name}: round-1 ranks for the byte budget: {ranks}", highlight=False)
         return EXIT_OK
 
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = Path(args.resume or args.out or Path("results") / f"{experiment['experiment']}-{stamp}")
+    out_dir = Path(args.resume or args.out or Path("results") / f"{config.experiment}-{stamp}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    client_state = experiment.get("client_state") or {}
-    if client_state.get("store") == "disk" and not client_state.get("dir"):
-        client_state["dir"] = str((out_dir / "client_state").resolve())  # next to the results it belongs to
+    if config.client_state.store == "disk" and not config.client_state.dir:
+        config.client_state.dir = str((out_dir / "client_state").resolve())  # next to the results it belongs to
+    experiment = config.to_dict()
     (out_dir / "config.resolved.json").write_text(json.dumps(experiment, indent=2, default=str))
     _setup_logging(out_dir, args.verbose)
 
@@ -341,24 +336,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fedpower.results import RunResults
 
     try:  # load once up front: a bad data file, model name or byte budget is a usage error, not a failed run
-        dense_summary(experiment)
+        dense_summary(config)
     except (DataError, ModelError, ConfigError) as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}")
         return EXIT_USAGE
 
-    results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    results = RunResults(experiment=config.experiment, config=experiment, environment=environment_info())
     results.checkpoint_dir = str(out_dir)  # every finished round is checkpointed: the run can be resumed
     from fedpower.checkpoint import CheckpointError
 
     try:
-        finished_before = bool(args.resume) and attach_resume_point(results, out_dir, experiment, console)
+        finished_before = bool(args.resume) and attach_resume_point(results, out_dir, config, console)
     except (CheckpointError, ConfigError) as err:
         err_console.print(f"[bold red]cannot resume:[/] {escape(str(err))}", highlight=False)
         return EXIT_USAGE
-    names = [s["name"] for s in experiment["strategies"]]
-    from fedpower.experiment import strategy_settings
-
-    rounds = {n: int(strategy_settings(experiment, n)["train"]["rounds"]) for n in names}
+    names = [s.name for s in config.strategies]
+    rounds = {s.name: s.train.rounds for s in config.resolved()}
     stop = StopFlag()
     stop.console = console
     previous = signal.signal(signal.SIGINT, stop.handler)
@@ -372,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with progress.live:
             if not finished_before:
-                run_simulation_experiment(experiment, results, observer=progress, verbose=args.verbose,
+                run_simulation_experiment(config, results, observer=progress, verbose=args.verbose,
                                           should_stop=stop)
     except KeyboardInterrupt:
         console.print("[yellow]Aborted; writing the results so far.[/]")

@@ -49,6 +49,7 @@ __all__ = [
     "ServerOptimizerConfig",
     "SimulationConfig",
     "StrategyConfig",
+    "StrategyEntry",
     "TrainConfig",
     "apply_override",
     "default_config_path",
@@ -388,14 +389,65 @@ TrainOverride = _partial(TrainConfig, {"server_optimizer": ServerOptimizerOverri
 ModelOverride = _partial(ModelConfig)
 
 
-class StrategyConfig(_Model):
-    """One compared method: compression, privacy and optional overrides of train / model."""
+class StrategyEntry(_Model):
+    """One compared method as written in the YAML: compression, privacy, optional overrides of train / model.
+
+    What a strategy runs with is its :class:`StrategyConfig`, resolved by :meth:`ExperimentConfig.resolve`.
+    """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # unique; used in tables, files and --set paths
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     privacy: Optional[PrivacyConfig] = None  # null: no differential privacy
     train: Optional[TrainOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level train
     model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
+
+
+class StrategyConfig(_Model):
+    """The effective settings of one strategy: what the server, every client, the dry run and tests use.
+
+    Resolved once from the experiment (:meth:`ExperimentConfig.resolve`): the strategy's own
+    compression and privacy, the top-level train and model with its overrides applied, and the
+    experiment-wide values a round needs. Every default lives in the section models above.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, frozen=True)
+
+    name: str
+    seed: int = Field(ge=0)  # the experiment seed (sampling, client seeds, noise streams)
+    num_clients: int = Field(ge=1)  # clients the data is partitioned into
+    compression: CompressionConfig
+    privacy: Optional[PrivacyConfig] = None
+    train: TrainConfig
+    model: ModelConfig
+    client_state: ClientStateConfig
+    network: Optional[NetworkConfig] = None
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled per round (the expected cohort under Poisson sampling)."""
+        return self.train.sampled_clients(self.num_clients)
+
+    @property
+    def sampling(self) -> Literal["poisson", "fixed"]:
+        """How the server draws cohorts: what the privacy accountant assumes under DP, else fixed size."""
+        return self.privacy.sampling if self.privacy is not None else "fixed"
+
+    @property
+    def shared_basis(self) -> bool:
+        """Whether the server keeps a shared PowerSGD basis (sent to the clients every round)."""
+        return self.compression.method == "powersgd" and self.compression.mode == "shared"
+
+    def to_json(self) -> str:
+        """Validated JSON, for a peer that re-validates it with :meth:`from_json`."""
+        return self.model_dump_json()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "StrategyConfig":
+        """Re-validate settings received as JSON (ConfigError naming the field on a mistake)."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            raise ConfigError(f"strategy settings received as JSON are invalid: {exc}") from None
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -469,9 +521,9 @@ class ExperimentConfig(_Model):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     client_state: ClientStateConfig = Field(default_factory=ClientStateConfig)  # per-client codec state storage
     network: Optional[NetworkConfig] = None  # simulated links: communication time in the report (null: off)
-    strategies: list[StrategyConfig] = Field(min_length=1)  # compared on identical data
+    strategies: list[StrategyEntry] = Field(min_length=1)  # compared on identical data
 
-    def strategy(self, name: str) -> StrategyConfig:
+    def strategy(self, name: str) -> StrategyEntry:
         """The strategy called ``name`` (KeyError with suggestions if there is none)."""
         for strategy in self.strategies:
             if strategy.name == name:
@@ -479,7 +531,7 @@ class ExperimentConfig(_Model):
         names = [s.name for s in self.strategies]
         raise KeyError(f"no strategy '{name}'{suggest(name, names)} (have: {', '.join(names)})")
 
-    def _merged_train(self, strategy: StrategyConfig) -> dict[str, Any]:
+    def _merged_train(self, strategy: StrategyEntry) -> dict[str, Any]:
         """Top-level train keys with the strategy's train keys merged over them."""
         base = self.train.model_dump()
         override = strategy.train.model_dump() if strategy.train is not None else {}
@@ -488,19 +540,31 @@ class ExperimentConfig(_Model):
                 base[other] = None  # the strategy chose the other sampling rule
         return _deep_merge(base, override)
 
-    def resolved_train(self, strategy: Union[StrategyConfig, str]) -> TrainConfig:
+    def resolved_train(self, strategy: Union[StrategyEntry, str]) -> TrainConfig:
         """The training settings of ``strategy`` (a strategy or its name): top-level train + its overrides."""
         chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
         if chosen.train is None:
             return self.train.model_copy(deep=True)
         return TrainConfig.model_validate(self._merged_train(chosen))
 
-    def resolved_model(self, strategy: Union[StrategyConfig, str]) -> ModelConfig:
+    def resolved_model(self, strategy: Union[StrategyEntry, str]) -> ModelConfig:
         """The model of ``strategy`` (a strategy or its name): top-level model + its overrides."""
         chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
         if chosen.model is None:
             return self.model.model_copy(deep=True)
         return ModelConfig.model_validate(_deep_merge(self.model.model_dump(), chosen.model.model_dump()))
+
+    def resolve(self, strategy: Union[StrategyEntry, str]) -> "StrategyConfig":
+        """Everything ``strategy`` runs with: its compression and privacy, train and model with overrides applied."""
+        chosen = self.strategy(strategy) if isinstance(strategy, str) else strategy
+        return StrategyConfig(name=chosen.name, seed=self.seed, num_clients=self.data.num_clients,
+                              compression=chosen.compression, privacy=chosen.privacy,
+                              train=self.resolved_train(chosen), model=self.resolved_model(chosen),
+                              client_state=self.client_state, network=self.network)
+
+    def resolved(self) -> list["StrategyConfig"]:
+        """Every strategy's :class:`StrategyConfig`, in the order they run."""
+        return [self.resolve(entry) for entry in self.strategies]
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as JSON-serializable data (parse_config reads it back unchanged)."""

@@ -1,12 +1,12 @@
-"""What both ends of a run derive from the resolved experiment dict (``ExperimentConfig.to_dict()``).
+"""What both ends of a run derive from the validated experiment (:class:`~fedpower.config.ExperimentConfig`).
 
-The server and every client hold the same experiment description and derive the data partition,
-the model and each strategy's settings from it — one source of truth, nothing extra on the wire.
+The server and every client hold the same experiment and derive the data partition, the model and
+each strategy's :class:`~fedpower.config.StrategyConfig` from it — one source of truth, nothing extra
+on the wire. A peer that receives the experiment as JSON re-validates it (:func:`as_experiment`).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Mapping
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
+from fedpower.config import ExperimentConfig, StrategyConfig, parse_config
 from fedpower.data import Dataset, load_dataset, partition
 from fedpower.models import build_model
 from fedpower.privacy.sampling import cohort_sampler
@@ -28,58 +29,40 @@ PARTITION_PARAMS: dict[str, tuple[str, ...]] = {
 }
 
 
-def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``base`` with ``override`` merged in recursively (override wins)."""
-    out = copy.deepcopy(dict(base))
-    for key, value in (override or {}).items():
-        if value is None:
-            continue
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
+def as_experiment(experiment: ExperimentConfig | Mapping[str, Any] | str) -> ExperimentConfig:
+    """The validated experiment: as is, or re-validated from its dict / JSON form (cached per process)."""
+    if isinstance(experiment, ExperimentConfig):
+        return experiment
+    text = experiment if isinstance(experiment, str) else json.dumps(experiment, sort_keys=True, default=str)
+    return _validated(text)
 
 
-def strategy_settings(experiment: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """Resolved settings of one strategy: its compression, privacy, train and model."""
-    for entry in experiment["strategies"]:
-        if entry["name"] == name:
-            return {
-                "name": name,
-                "compression": dict(entry.get("compression") or {"method": "none"}),
-                "privacy": entry.get("privacy"),
-                "train": deep_merge(experiment["train"], entry.get("train")),
-                "model": deep_merge(experiment["model"], entry.get("model")),
-            }
-    raise KeyError(f"no strategy named {name!r} in the experiment")
+@lru_cache(maxsize=8)
+def _validated(text: str) -> ExperimentConfig:
+    """Parse and validate one experiment's JSON once per process (every message of a run carries the same)."""
+    return parse_config(json.loads(text), source="<experiment JSON>")
 
 
-def clients_per_round(train: Mapping[str, Any], num_clients: int) -> int:
-    """Cohort size from ``clients_per_round`` or ``fraction`` (the expected size under Poisson sampling)."""
-    if train.get("fraction"):
-        return max(1, round(float(train["fraction"]) * num_clients))
-    return max(1, min(int(train.get("clients_per_round") or num_clients), num_clients))
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The seed of one client's round (local training order, stochastic rounding): same on every engine."""
+    return int(seed) * 1_000_003 + int(server_round) * 10_007 + int(partition_id)
 
 
-def privacy_plan(experiment: Mapping[str, Any], name: str) -> PrivacyPlan | None:
+def privacy_plan(settings: StrategyConfig) -> PrivacyPlan | None:
     """The resolved DP plan of a strategy (σ calibrated if asked), or None without DP; may raise BudgetExceeded."""
-    settings = strategy_settings(experiment, name)
-    privacy = settings.get("privacy")
-    if not privacy:
+    if settings.privacy is None:
         return None
     from fedpower.privacy.plan import make_plan  # needs dp-accounting (the [sim] extra): server side only
 
-    num_clients = int(experiment["data"]["num_clients"])
-    cohort = clients_per_round(settings["train"], num_clients)
-    sample = cohort_sampler(int(experiment["seed"]), range(num_clients), cohort, privacy.get("sampling", "poisson"))
-    return make_plan(privacy, num_clients=num_clients, cohort_size=cohort, rounds=int(settings["train"]["rounds"]),
-                     cohorts=sample)
+    cohort = settings.clients_per_round
+    sample = cohort_sampler(settings.seed, range(settings.num_clients), cohort, settings.privacy.sampling)
+    return make_plan(settings.privacy, num_clients=settings.num_clients, cohort_size=cohort,
+                     rounds=settings.train.rounds, cohorts=sample)
 
 
-def _data_key(experiment: Mapping[str, Any]) -> str:
+def _data_key(experiment: ExperimentConfig) -> str:
     """Cache key of the data part of an experiment."""
-    return json.dumps({"data": experiment["data"], "seed": experiment["seed"]}, sort_keys=True, default=str)
+    return json.dumps({"data": experiment.data.model_dump(mode="json"), "seed": experiment.seed}, sort_keys=True)
 
 
 @lru_cache(maxsize=4)
@@ -87,10 +70,9 @@ def _load(data_key: str) -> tuple[Dataset, tuple[np.ndarray, ...], torch.Tensor,
     """Load and partition once per process (Ray actors and the server reuse it across rounds)."""
     spec = json.loads(data_key)
     data, seed = spec["data"], spec["seed"]
-    dataset = load_dataset(data["dataset"], path=data.get("path"), seed=seed,
-                           test_fraction=data.get("test_fraction", 0.2),
-                           label_column=data.get("label_column", "label"), **(data.get("options") or {}))
-    part = dict(data.get("partition") or {"kind": "iid"})
+    dataset = load_dataset(data["dataset"], path=data["path"], seed=seed, test_fraction=data["test_fraction"],
+                           label_column=data["label_column"], **data["options"])
+    part = dict(data["partition"])
     kind = part.pop("kind")
     # The schema carries every partitioner's parameter with a default; pass only this kind's own.
     params = {key: part[key] for key in PARTITION_PARAMS.get(kind, ()) if part.get(key) is not None}
@@ -100,14 +82,12 @@ def _load(data_key: str) -> tuple[Dataset, tuple[np.ndarray, ...], torch.Tensor,
     return (dataset, tuple(parts), *tensors)
 
 
-def experiment_data(experiment: Mapping[str, Any]):
+def experiment_data(experiment: ExperimentConfig):
     """(dataset, partitions, x_train, y_train, x_test, y_test) for this experiment, cached per process."""
     return _load(_data_key(experiment))
 
 
-def experiment_model(experiment: Mapping[str, Any], strategy: str, dataset: Dataset) -> torch.nn.Module:
+def experiment_model(settings: StrategyConfig, dataset: Dataset) -> torch.nn.Module:
     """The strategy's model, initialised identically on every end (seeded by the experiment seed)."""
-    settings = strategy_settings(experiment, strategy)
-    torch.manual_seed(int(experiment["seed"]))
-    model_cfg = settings["model"]
-    return build_model(model_cfg["name"], dataset, **(model_cfg.get("options") or {}))
+    torch.manual_seed(settings.seed)
+    return build_model(settings.model.name, dataset, **settings.model.options)

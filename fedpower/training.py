@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from fedpower.config import TrainConfig
 
 Tensors = dict[str, torch.Tensor]
 
@@ -90,3 +93,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     n = max(len(x), 1)
     loss = total_loss / n
     return (loss if math.isfinite(loss) else float("inf")), correct / n
+
+
+def local_update(model: nn.Module, global_params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+                 indices: np.ndarray, train: "TrainConfig", seed: int) -> tuple[Tensors, int, float]:
+    """Train ``model`` from ``global_params`` on ``x[indices]``: (update = local − global, examples, mean loss)."""
+    set_params(model, global_params)
+    num_examples, loss = train_local(model, x, y, indices, epochs=train.local_epochs, batch_size=train.batch_size,
+                                     optimizer=train.optimizer, lr=train.lr, momentum=train.momentum,
+                                     weight_decay=train.weight_decay, seed=seed)
+    local = get_params(model)
+    return {name: local[name] - global_params[name] for name in global_params}, num_examples, loss

@@ -15,6 +15,7 @@ import tempfile
 import warnings
 from typing import Any, Callable, Mapping
 
+from fedpower.config import ExperimentConfig, SimulationConfig
 from fedpower.results import RunResults
 
 
@@ -69,7 +70,7 @@ def actor_budget(cpus: int, per_client: float, max_concurrent: int | None) -> tu
     return max_concurrent, 1.0
 
 
-def backend_config(simulation: Mapping[str, Any], verbose: bool) -> dict[str, Any]:
+def backend_config(simulation: SimulationConfig, verbose: bool) -> dict[str, Any]:
     """Flower's Ray backend settings from the experiment's ``simulation`` block (defaults fit this machine).
 
     Flower starts ``Ray CPUs / num_cpus_per_client`` actors; each is a process with its own torch
@@ -78,44 +79,44 @@ def backend_config(simulation: Mapping[str, Any], verbose: bool) -> dict[str, An
     """
     init_args: dict[str, Any] = {"logging_level": logging.INFO if verbose else logging.ERROR,
                                  "log_to_driver": verbose, "include_dashboard": False}
-    per_client = float(simulation.get("num_cpus_per_client") or 1.0)
-    if simulation.get("ray_address"):
+    per_client = simulation.num_cpus_per_client
+    if simulation.ray_address:
         # The cluster was sized by `ray start`; Ray refuses num_cpus / object store sizes when attaching.
-        init_args["address"] = simulation["ray_address"]
+        init_args["address"] = simulation.ray_address
     else:
-        ray_cpus, per_client = actor_budget(machine_cpus(), per_client, simulation.get("max_concurrent_clients"))
+        ray_cpus, per_client = actor_budget(machine_cpus(), per_client, simulation.max_concurrent_clients)
         init_args["num_cpus"] = ray_cpus
-        store_mb = simulation.get("object_store_memory_mb") or DEFAULT_OBJECT_STORE_MB
+        store_mb = simulation.object_store_memory_mb or DEFAULT_OBJECT_STORE_MB
         init_args["object_store_memory"] = int(store_mb) * 1024 * 1024
-        init_args.update(simulation.get("ray_init_args") or {})
-    return {"client_resources": {"num_cpus": per_client,
-                                 "num_gpus": float(simulation.get("num_gpus_per_client") or 0.0)},
+        init_args.update(simulation.ray_init_args)
+    return {"client_resources": {"num_cpus": per_client, "num_gpus": simulation.num_gpus_per_client},
             "init_args": init_args}
 
 
 def run_simulation_experiment(
-    experiment: Mapping[str, Any], results: RunResults, *, observer: Any = None, verbose: bool = False,
+    experiment: ExperimentConfig | Mapping[str, Any], results: RunResults, *, observer: Any = None, verbose: bool = False,
     should_stop: Callable[[], bool] = lambda: False, client_app: Any = None,
 ) -> RunResults:
     """Run every strategy of the experiment on its ``simulation.engine``; returns the filled results."""
     prepare_flower_environment()
     quiet_flower(verbose)
     from clients.app import make_client_app
+    from fedpower.experiment import as_experiment
     from strategies.server import make_server_app
 
-    simulation = experiment.get("simulation") or {}
+    experiment = as_experiment(experiment)
     server_app = make_server_app(experiment, results, observer, should_stop)
     client_app = client_app if client_app is not None else make_client_app(experiment)
-    if simulation.get("engine", "inprocess") == "inprocess":
-        run_inprocess(server_app, client_app, int(experiment["data"]["num_clients"]))
+    if experiment.simulation.engine == "inprocess":
+        run_inprocess(server_app, client_app, experiment.data.num_clients)
         return results
     from flwr.simulation import run_simulation  # imported late: pulls in Ray
 
     run_simulation(
         server_app=server_app,
         client_app=client_app,
-        num_supernodes=int(experiment["data"]["num_clients"]),
-        backend_config=backend_config(experiment.get("simulation") or {}, verbose),  # type: ignore[arg-type]
+        num_supernodes=experiment.data.num_clients,
+        backend_config=backend_config(experiment.simulation, verbose),  # type: ignore[arg-type]
         verbose_logging=verbose,
     )
     return results
@@ -140,6 +141,8 @@ def simulate(config: Any, *, verbose: bool = False, observer: Any = None) -> Run
     """Run an experiment (an ``ExperimentConfig`` or its resolved dict) in simulation; returns its results."""
     from fedpower.report import environment_info
 
-    experiment = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    from fedpower.experiment import as_experiment
+
+    experiment = as_experiment(config)
+    results = RunResults(experiment=experiment.experiment, config=experiment.to_dict(), environment=environment_info())
     return run_simulation_experiment(experiment, results, observer=observer, verbose=verbose)

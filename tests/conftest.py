@@ -9,3 +9,21 @@ os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedpower-test-flwr-"
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FEDPOWER_CACHE", os.path.join(tempfile.gettempdir(), "fedpower-test-cache"))
+
+
+def strategy_settings(compression: dict | None = None, *, name: str = "s", privacy: dict | None = None,
+                      train: dict | None = None, num_clients: int = 10, seed: int = 0):
+    """A strategy's resolved settings through the real schema, for tests that drive one strategy by hand.
+
+    Nodes are never offline in these tests (no grid to ask), so the rejoin wait is off unless set.
+    """
+    from fedpower.config import parse_config
+
+    train = {"clients_per_round": min(10, num_clients), **(train or {})}
+    train["failures"] = {"rejoin_wait_s": 0.0, **train.get("failures", {})}
+    entry = {"name": name, "compression": compression or {"method": "none"}}
+    if privacy is not None:
+        entry["privacy"] = privacy
+    config = parse_config({"experiment": "test", "seed": seed, "data": {"num_clients": num_clients},
+                           "train": train, "strategies": [entry]})
+    return config.resolve(name)

@@ -128,7 +128,7 @@ def test_server_and_client_agree_on_ranks_each_round() -> None:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpower.server_opt import ServerOptimizer
+    from conftest import strategy_settings
     from strategies.compressed import CompressedFedAvg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -137,8 +137,8 @@ def test_server_and_client_agree_on_ranks_each_round() -> None:
     compression = {"method": "powersgd", "mode": "independent", "rank": 4, "power_iterations": 2, "quantize_bits": 8,
                    "error_feedback": True, "budget_bytes_per_round": 12_000.0}
     nodes = {10: 0, 11: 1}
-    strategy = CompressedFedAvg(name="b", compression=compression, params=params, sampler=lambda r: [10, 11],
-                                server_optimizer=ServerOptimizer("sgd"), node_partitions=nodes)
+    strategy = CompressedFedAvg(strategy_settings(compression, name="b"), params, lambda r: [10, 11],
+                                node_partitions=nodes)
     history = []
     for rnd in (1, 2, 3):
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in strategy.params.items()})
@@ -163,4 +163,4 @@ def test_server_and_client_agree_on_ranks_each_round() -> None:
     assert history[1]["fc2.weight"] > history[0]["fc2.weight"] + 2  # then rank follows the energy
     assert history[1]["fc1.weight"] < history[0]["fc1.weight"]
     arrays_state, meta = strategy.state_dict()
-    assert meta["ranks"] == strategy.ranks and set(meta["energy"]) == set(strategy.ranks)
+    assert meta["ranks"] == strategy.codec_state.ranks and set(meta["energy"]) == set(strategy.codec_state.ranks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import json
 import textwrap
 from pathlib import Path
@@ -203,7 +204,7 @@ def test_unknown_key_names_section_line_and_suggestion(tmp_path: Path) -> None:
 
 def test_unknown_key_without_close_match_lists_allowed() -> None:
     message = error_of(minimal(simulation={"zzz": 1}))
-    assert "unknown key 'zzz' in simulation" in message and "allowed keys: num_cpus_per_client" in message
+    assert "unknown key 'zzz' in simulation" in message and "allowed keys: engine, num_cpus_per_client" in message
 
 
 def test_unknown_top_level_key() -> None:
@@ -593,3 +594,43 @@ def test_hypothesis_in_range_values_round_trip(rank: int, ratio: float) -> None:
 def test_programmatic_construction_validates() -> None:
     config = ExperimentConfig(strategies=[{"name": "a"}])  # type: ignore[list-item]
     assert config.strategies[0].compression.method == "none"
+
+
+def test_strategy_cohort_override_wins_over_top_level_fraction_everywhere() -> None:
+    """Top-level fraction 0.1 of 100 clients, a strategy override clients_per_round 5: 5 on every path.
+
+    The resolved StrategyConfig is what the server samples with and what --dry-run reports; the
+    old dict path merged both keys and sampled 10.
+    """
+    from fedpower.experiment import as_experiment
+
+    config = parse_config({"data": {"num_clients": 100}, "train": {"fraction": 0.1},
+                           "strategies": [{"name": "small", "train": {"clients_per_round": 5}}, {"name": "default"}]})
+    assert config.resolve("small").clients_per_round == 5
+    assert config.resolve("default").clients_per_round == 10
+    again = as_experiment(config.to_dict())  # as a client re-validates it from JSON
+    assert again.resolve("small") == config.resolve("small")
+    from fedpower.config import StrategyConfig
+
+    assert StrategyConfig.from_json(config.resolve("small").to_json()) == config.resolve("small")
+
+
+def test_dry_run_reports_each_strategys_own_cohort(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """--dry-run sizes the uplink from the strategy's cohort, not the top-level train block."""
+    from fedpower.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("data: {dataset: mnist1d, num_clients: 100}\nmodel: {name: logreg}\ntrain: {fraction: 0.1}\n"
+                    "strategies:\n  - name: small\n    train: {clients_per_round: 5}\n  - name: default\n")
+    assert main([str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"small: .* 5 clients per round", out) and re.search(r"default: .* 10 clients per round", out)
+
+
+def test_sent_strategy_settings_are_revalidated() -> None:
+    """Settings that arrive as JSON go through the schema again: a tampered value is a ConfigError."""
+    from fedpower.config import StrategyConfig
+
+    text = parse_config({"strategies": [{"name": "s"}]}).resolve("s").to_json().replace('"rank":4', '"rank":0')
+    with pytest.raises(ConfigError, match="rank"):
+        StrategyConfig.from_json(text)

@@ -144,15 +144,17 @@ def test_node_config_device_overrides_env_and_experiment(monkeypatch: pytest.Mon
     from flwr.app import Context, RecordDict
 
     from clients.app import node_device
+    from fedpower.config import TrainConfig
 
     def context(node_config: dict[str, object]) -> Context:
         return Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
     monkeypatch.delenv("FEDPOWER_DEVICE", raising=False)
-    assert node_device(context({}), {"device": "meta"}).type == "meta"
+    meta, cpu = TrainConfig.model_construct(device="meta"), TrainConfig(device="cpu")  # meta: no real device needed
+    assert node_device(context({}), meta).type == "meta"
     monkeypatch.setenv("FEDPOWER_DEVICE", "cpu")
-    assert node_device(context({}), {"device": "meta"}).type == "cpu"
-    assert node_device(context({"device": "meta"}), {"device": "cpu"}).type == "meta"
+    assert node_device(context({}), meta).type == "cpu"
+    assert node_device(context({"device": "meta"}), cpu).type == "meta"
 
 
 # -- codecs stay on the training device ---------------------------------------------------------------

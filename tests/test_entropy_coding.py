@@ -85,7 +85,7 @@ def test_strategy_decodes_coded_replies_and_counts_coded_bytes() -> None:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fedpower.server_opt import ServerOptimizer
+    from conftest import strategy_settings
     from strategies.compressed import CompressedFedAvg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -94,8 +94,8 @@ def test_strategy_decodes_coded_replies_and_counts_coded_bytes() -> None:
     for coding in ("none", "zlib"):
         compression = {"method": "powersgd", "rank": 4, "quantize_bits": 2, "error_feedback": True,
                        "entropy_coding": coding}
-        strategy = CompressedFedAvg(name=coding, compression=compression, params=params, sampler=lambda r: [7],
-                                    server_optimizer=ServerOptimizer("sgd"), node_partitions={7: 0})
+        strategy = CompressedFedAvg(strategy_settings(compression, name=coding), params, lambda r: [7],
+                                    node_partitions={7: 0})
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in params.items()})
         (msg,) = strategy.configure_train(1, arrays, ConfigRecord(), None)  # type: ignore[arg-type]
         codec = build_codec(compression)
@@ -121,16 +121,15 @@ def test_fp16_downlink_halves_the_model_bytes_and_clients_widen_it() -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fedpower.records import model_from_arrays
-    from fedpower.server_opt import ServerOptimizer
+    from conftest import strategy_settings
     from strategies.compressed import CompressedFedAvg
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     params = {k: torch.randn(s.shape, generator=torch.Generator().manual_seed(1)) for k, s in LAYOUT.items()}
     down = {}
     for method in ("none", "fp16"):
-        strategy = CompressedFedAvg(name=method, compression={"method": "none", "downlink": {"method": method}},
-                                    params=params, sampler=lambda r: [7], server_optimizer=ServerOptimizer("sgd"),
-                                    node_partitions={7: 0})
+        strategy = CompressedFedAvg(strategy_settings({"method": "none", "downlink": {"method": method}}, name=method),
+                                    params, lambda r: [7], node_partitions={7: 0})
         arrays = ArrayRecord({k: Array(v.numpy()) for k, v in params.items()})
         (msg,) = strategy.configure_train(1, arrays, ConfigRecord(), None)  # type: ignore[arg-type]
         received = model_from_arrays(msg.content["arrays"])
@@ -139,9 +138,8 @@ def test_fp16_downlink_halves_the_model_bytes_and_clients_widen_it() -> None:
         down[method] = strategy.ledger.total("down", "payload_bytes")
     assert down["fp16"] < 0.51 * down["none"]
     huge = {**params, "w": params["w"] * 1e6}  # beyond float16's ±65504: this round goes out in fp32
-    strategy = CompressedFedAvg(name="h", compression={"method": "none", "downlink": {"method": "fp16"}},
-                                params=huge, sampler=lambda r: [7], server_optimizer=ServerOptimizer("sgd"),
-                                node_partitions={7: 0})
+    strategy = CompressedFedAvg(strategy_settings({"method": "none", "downlink": {"method": "fp16"}}, name="h"),
+                                huge, lambda r: [7], node_partitions={7: 0})
     (msg,) = strategy.configure_train(1, ArrayRecord({k: Array(v.numpy()) for k, v in huge.items()}), ConfigRecord(),
                                       None)  # type: ignore[arg-type]
     assert torch.isfinite(model_from_arrays(msg.content["arrays"])["w"]).all()

@@ -149,15 +149,14 @@ def test_strategy_stops_or_errors_when_the_budget_is_spent() -> None:
     """CompressedFedAvg sends nothing once the next round would exceed the budget, and records why."""
     from flwr.app import ArrayRecord, ConfigRecord
 
-    from fedpower.server_opt import ServerOptimizer
+    from conftest import strategy_settings
     from strategies.compressed import CompressedFedAvg
 
     privacy = {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 0.3, "target_epsilon": 0.5, "delta": DELTA}
     for policy in ("stop", "error"):
         plan = make_plan({**privacy, "on_budget_exceeded": "stop"}, num_clients=4, cohort_size=2, rounds=3)
         plan.on_budget_exceeded = policy
-        strategy = CompressedFedAvg(name="dp", compression={"method": "none"}, params=update(0),
-                                    sampler=lambda r: [11, 12], server_optimizer=ServerOptimizer(),
+        strategy = CompressedFedAvg(strategy_settings(name="dp"), update(0), lambda r: [11, 12],
                                     node_partitions={11: 0, 12: 1}, privacy=plan)
         if policy == "error":
             with pytest.raises(BudgetExceeded):

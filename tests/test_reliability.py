@@ -31,7 +31,7 @@ from fedpower.checkpoint import (
 from fedpower.codecs import layout_of, pack
 from fedpower.ledger import Transfer
 from fedpower.results import RunResults
-from fedpower.server_opt import ServerOptimizer
+from conftest import strategy_settings
 from strategies.compressed import CompressedFedAvg, RoundStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +53,17 @@ def _params() -> dict[str, torch.Tensor]:
     return {"fc.weight": torch.randn(24, 16, generator=g), "fc.bias": torch.randn(24, generator=g)}
 
 
-def _strategy(compression: dict[str, Any] | None = None, **kwargs: Any) -> CompressedFedAvg:
-    """A strategy over five nodes that samples all of them every round."""
+def _strategy(compression: dict[str, Any] | None = None, *, privacy: Any = None, max_norm_ratio: float | None = None,
+              min_valid_clients: int = 1, round_deadline_s: float | None = None,
+              rejoin_wait_s: float = 0.0) -> CompressedFedAvg:
+    """A strategy over five nodes that samples all of them every round (FedAvgM on the server)."""
     stats: list[RoundStats] = []
-    strategy = CompressedFedAvg(
-        name="s", compression=compression or {"method": "none"}, params=_params(),
-        sampler=lambda server_round: sorted(NODES), server_optimizer=ServerOptimizer("momentum"), seed=0,
-        node_partitions=NODES, on_round=stats.append, **kwargs)
+    train = {"server_optimizer": {"name": "momentum"},
+             "robustness": {"max_norm_ratio": max_norm_ratio, "min_valid_clients": min_valid_clients},
+             "failures": {"round_deadline_s": round_deadline_s, "rejoin_wait_s": rejoin_wait_s}}
+    strategy = CompressedFedAvg(strategy_settings(compression, train=train), _params(),
+                                lambda server_round: sorted(NODES), node_partitions=NODES, privacy=privacy,
+                                on_round=stats.append)
     strategy.finished = stats  # type: ignore[attr-defined]
     return strategy
 
@@ -240,8 +244,10 @@ def test_dropped_client_returns_before_training_or_state_io(monkeypatch: pytest.
     train = {"failures": {"dropout": 0.5}}
     server_round, partition = next((r, p) for r in range(1, 20) for p in range(10)
                                    if draw_failure(train["failures"], 0, r, p).dropped)
-    experiment = {"seed": 0, "train": {**train, "device": "cpu"},
-                  "strategies": [{"name": "s", "compression": {"method": "powersgd"}}], "model": {}}
+    from fedpower.config import parse_config
+
+    experiment = parse_config({"seed": 0, "train": {**train, "device": "cpu"},
+                               "strategies": [{"name": "s", "compression": {"method": "powersgd"}}]})
     instruction = Message(RecordDict({"config": ConfigRecord({"strategy": "s", "server-round": server_round})}),
                           dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
@@ -249,7 +255,7 @@ def test_dropped_client_returns_before_training_or_state_io(monkeypatch: pytest.
     assert reply.has_error() and is_simulated_dropout(reply)
     assert len(context.state) == 0
     kept = next((r, p) for r in range(1, 20) for p in range(10) if not draw_failure(train["failures"], 0, r, p).dropped)
-    assert dropout_reply(instruction, train, 0, *kept) is None
+    assert dropout_reply(instruction, experiment.train.failures, 0, *kept) is None
 
 
 def test_no_unpickling_anywhere() -> None:
@@ -280,15 +286,16 @@ def test_strategy_state_round_trip_continues_identically() -> None:
     restored = _strategy(compression)
     restored.load_state({k: v.copy() for k, v in arrays.items()}, meta)
     restored.round_offset = 3
-    assert restored.side == original.side and restored.basis_version == original.basis_version == 3
+    assert restored.codec_state.side == original.codec_state.side
+    assert restored.codec_state.basis_version == original.codec_state.basis_version == 3
     for strategy, flower_round in ((original, 4), (restored, 1)):
         messages = _round(strategy, flower_round)
         assert int(messages[0].content["config"]["server-round"]) == 4
         strategy.aggregate_train(flower_round, [_reply(strategy, m, _update(i + 4)) for i, m in enumerate(messages)])
     for k in original.params:
         assert torch.equal(original.params[k], restored.params[k])
-    for k in original.basis or {}:
-        assert torch.equal(original.basis[k], restored.basis[k])  # type: ignore[index]
+    for k in original.codec_state.basis or {}:
+        assert torch.equal(original.codec_state.basis[k], restored.codec_state.basis[k])  # type: ignore[index]
     with pytest.raises(ValueError, match="strategy"):
         _strategy(compression).load_state(arrays, {**meta, "name": "other"})
 

@@ -40,15 +40,20 @@ def test_actor_budget_caps_concurrency_and_keeps_one_actor() -> None:
 
 def test_backend_config_local_defaults_and_cluster_address() -> None:
     """Local Ray gets a CPU budget and a bounded object store; an existing cluster gets only its address."""
-    local = backend_config({"num_cpus_per_client": 1.0, "max_concurrent_clients": 1}, verbose=False)
+    from fedpower.config import SimulationConfig
+
+    def ray(**keys: Any) -> SimulationConfig:
+        return SimulationConfig.model_validate({"engine": "ray", **keys})
+
+    local = backend_config(ray(num_cpus_per_client=1.0, max_concurrent_clients=1), verbose=False)
     init = local["init_args"]
     assert init["num_cpus"] == 1 and local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert init["object_store_memory"] == DEFAULT_OBJECT_STORE_MB * 2**20
     assert init["log_to_driver"] is False and init["include_dashboard"] is False
-    tuned = backend_config({"object_store_memory_mb": 128, "ray_init_args": {"_temp_dir": "/tmp/x"}}, verbose=True)
+    tuned = backend_config(ray(object_store_memory_mb=128, ray_init_args={"_temp_dir": "/tmp/x"}), verbose=True)
     assert tuned["init_args"]["object_store_memory"] == 128 * 2**20 and tuned["init_args"]["_temp_dir"] == "/tmp/x"
     assert tuned["init_args"]["log_to_driver"] is True
-    cluster = backend_config({"ray_address": "127.0.0.1:6379", "max_concurrent_clients": 1}, verbose=False)
+    cluster = backend_config(ray(ray_address="127.0.0.1:6379", max_concurrent_clients=1), verbose=False)
     # Ray refuses resource sizes when it attaches to a running cluster.
     assert cluster["init_args"]["address"] == "127.0.0.1:6379"
     assert not {"num_cpus", "object_store_memory"} & set(cluster["init_args"])
@@ -67,12 +72,11 @@ def test_cluster_address_with_local_sizes_is_a_config_error(capsys: pytest.Captu
 def test_scale_1000_config_is_valid_and_samples_ten_percent() -> None:
     """The shipped 1000-client config: 100 clients per round, residuals of idle clients on disk."""
     from fedpower.config import load_config
-    from fedpower.experiment import clients_per_round
 
-    config = load_config(ROOT / "configs" / "scale_1000.yaml").to_dict()
-    assert config["data"]["num_clients"] == 1000
-    assert clients_per_round(config["train"], 1000) == 100
-    assert config["client_state"]["store"] == "disk"
+    config = load_config(ROOT / "configs" / "scale_1000.yaml")
+    assert config.data.num_clients == 1000
+    assert all(settings.clients_per_round == 100 for settings in config.resolved())
+    assert config.client_state.store == "disk"
 
 
 # --- 200 clients in one simulation (slow) -----------------------------------------------------------

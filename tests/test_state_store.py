@@ -188,24 +188,25 @@ def _context(node_config: dict[str, Any]) -> Context:
 
 def test_make_store_picks_the_configured_store(tmp_path: Path) -> None:
     """Default memory (in Context.state); disk from the YAML block; node-config state-dir wins."""
-    experiment: dict[str, Any] = {"experiment": "my exp", "client_state": {"store": "memory", "dir": None,
-                                                                           "dtype": "float32"}}
+    from fedpower.config import ClientStateConfig
+
+    memory_settings = ClientStateConfig(store="memory")
     context = _context({"partition-id": 0})
-    memory = make_store(experiment, context)
+    memory = make_store(memory_settings, "my exp", context)
     assert isinstance(memory, MemoryStore) and memory.state is context.state
     memory.save("s", 0, 1, _state(0))
-    _assert_same(make_store(experiment, context).load("s", 0, 2), _state(0))  # survives across handler calls
+    _assert_same(make_store(memory_settings, "my exp", context).load("s", 0, 2), _state(0))  # survives across calls
 
-    node = make_store(experiment, _context({"partition-id": 0, "state-dir": str(tmp_path / "node")}))
+    node = make_store(memory_settings, "my exp", _context({"partition-id": 0, "state-dir": str(tmp_path / "node")}))
     assert isinstance(node, DiskStore) and node.directory == tmp_path / "node" / "my_exp"
 
-    disk = {**experiment, "client_state": {"store": "disk", "dir": str(tmp_path / "yaml"), "dtype": "float16"}}
-    chosen = make_store(disk, _context({}))
+    disk = ClientStateConfig(store="disk", dir=str(tmp_path / "yaml"), dtype="float16")
+    chosen = make_store(disk, "my exp", _context({}))
     assert isinstance(chosen, DiskStore) and chosen.dtype == "float16"
     assert chosen.directory == tmp_path / "yaml" / "my_exp"
 
     with pytest.raises(ValueError, match="client_state.dir"):
-        make_store({**experiment, "client_state": {"store": "disk", "dir": None}}, _context({}))
+        make_store(ClientStateConfig(store="disk"), "my exp", _context({}))
 
 
 def test_disk_state_survives_a_new_store_object(tmp_path: Path) -> None:

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import torch
 
 from fedpower.codecs.base import ArraySpec
 from fedpower.codecs.lowrank import compressible, max_rank
 from fedpower.codecs.quantize import Quantize
+
+if TYPE_CHECKING:
+    from fedpower.config import CompressionConfig
 
 
 NPY_HEADER_BYTES = 128  # each packed dtype buffer travels as one .npy array with a 128-byte header
@@ -113,13 +116,16 @@ def allocate_ranks(
     return ranks
 
 
-def ranks_for(compression: Mapping[str, object], inputs: Mapping[str, ArraySpec],
+def ranks_for(compression: "CompressionConfig | Mapping[str, object]", inputs: Mapping[str, ArraySpec],
               energy: Mapping[str, Sequence[float]] | None = None) -> dict[str, int]:
     """:func:`allocate_ranks` with the budget, bits, block size and rate of a strategy's ``compression``."""
-    return allocate_ranks(inputs, float(compression["budget_bytes_per_round"]),  # type: ignore[arg-type]
-                          bits=compression.get("quantize_bits"),  # type: ignore[arg-type]
-                          block_size=int(compression.get("block_size", 128)),  # type: ignore[arg-type]
-                          min_compression_rate=float(compression.get("min_compression_rate", 2.0)),  # type: ignore[arg-type]
+    from fedpower.codecs.factory import as_compression  # the factory imports this module's sizes
+
+    settings = as_compression(compression)
+    if settings.budget_bytes_per_round is None:
+        raise ValueError("ranks_for needs compression.budget_bytes_per_round")
+    return allocate_ranks(inputs, settings.budget_bytes_per_round, bits=settings.quantize_bits,
+                          block_size=settings.block_size, min_compression_rate=settings.min_compression_rate,
                           energy=energy)
 
 

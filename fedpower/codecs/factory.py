@@ -1,4 +1,4 @@
-"""Build a codec chain from a strategy's ``compression`` settings (a plain dict, see config.py)."""
+"""Build a codec chain from a strategy's ``compression`` settings (:class:`fedpower.config.CompressionConfig`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
+from fedpower.config import CompressionConfig
 from fedpower.codecs.base import Codec
 from fedpower.codecs.chain import Chain
 from fedpower.codecs.dense import Dense
@@ -17,22 +18,29 @@ from fedpower.codecs.topk import TopK
 METHODS = ("none", "fp16", "int8", "quantize", "topk", "powersgd")
 
 
-def is_shared(compression: Mapping[str, Any]) -> bool:
+def as_compression(compression: CompressionConfig | Mapping[str, Any] | None) -> CompressionConfig:
+    """Validated settings: a CompressionConfig as is, a mapping through the schema (its defaults, its errors)."""
+    if isinstance(compression, CompressionConfig):
+        return compression
+    return CompressionConfig.model_validate(dict(compression or {}))
+
+
+def is_shared(compression: CompressionConfig | Mapping[str, Any]) -> bool:
     """Whether these settings use the server-shared alternating basis."""
-    return compression.get("method") == "powersgd" and compression.get("mode", "independent") == "shared"
+    compression = as_compression(compression)
+    return compression.method == "powersgd" and compression.mode == "shared"
 
 
-def _quantizer(compression: Mapping[str, Any]) -> Quantize | None:
+def _quantizer(compression: CompressionConfig) -> Quantize | None:
     """The factor/value quantizer asked for by ``quantize_bits`` (None when not set)."""
-    bits = compression.get("quantize_bits")
-    if bits is None:
+    if compression.quantize_bits is None:
         return None
-    return Quantize(bits=int(bits), scheme=compression.get("quantize_scheme", "stochastic"),
-                    block_size=int(compression.get("block_size", 128)))
+    return Quantize(bits=compression.quantize_bits, scheme=compression.quantize_scheme,
+                    block_size=compression.block_size)
 
 
 def build_codec(
-    compression: Mapping[str, Any] | None, *, dense: bool = False,
+    compression: CompressionConfig | Mapping[str, Any] | None, *, dense: bool = False,
     basis: Mapping[str, torch.Tensor] | None = None, side: Literal["left", "right"] = "left",
     ranks: Mapping[str, int] | None = None,
 ) -> Codec:
@@ -40,16 +48,14 @@ def build_codec(
 
     ``ranks``: per-tensor ranks of independent PowerSGD for this round (a byte-budget allocation).
     """
-    compression = dict(compression or {})
-    method = compression.get("method", "none")
-    if method not in METHODS:
-        raise ValueError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
+    compression = as_compression(compression)
+    method = compression.method
     if dense or method == "none":
         return Dense()
     if method == "fp16":
         core: Codec = Quantize(bits=16)
     elif method == "int8":
-        core = Quantize(bits=8, block_size=int(compression.get("block_size", 128)))
+        core = Quantize(bits=8, block_size=compression.block_size)
     elif method == "quantize":
         quantizer = _quantizer(compression)
         if quantizer is None:
@@ -57,20 +63,18 @@ def build_codec(
         core = quantizer
     else:
         if method == "topk":
-            first: Codec = TopK(ratio=float(compression.get("ratio", 0.01)))
+            first: Codec = TopK(ratio=compression.ratio)
         elif is_shared(compression):
             if basis is None:
                 raise ValueError("shared PowerSGD needs the round's basis")
-            first = SharedPowerSGD(rank=int(compression.get("rank", 4)),
-                                   min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
+            first = SharedPowerSGD(rank=compression.rank, min_compression_rate=compression.min_compression_rate,
                                    side=side, basis=basis)
         else:
-            first = PowerSGD(rank=int(compression.get("rank", 4)),
-                             power_iterations=int(compression.get("power_iterations", 4)),
-                             min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
-                             deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
+            first = PowerSGD(rank=compression.rank, power_iterations=compression.power_iterations,
+                             min_compression_rate=compression.min_compression_rate,
+                             deflation=compression.deflation, ranks=ranks or None)
         quantizer = _quantizer(compression)
         core = Chain(first, quantizer) if quantizer is not None else first
-    if compression.get("error_feedback", True):
+    if compression.error_feedback:
         return ErrorFeedback(core)
     return core

@@ -11,12 +11,18 @@ round would exceed it, then stops. An empty Poisson cohort still releases pure n
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from fedpower.privacy.accountant import Accountant, BudgetExceeded, calibrate_noise
 from fedpower.privacy.sampling import participation_counts
+
+if TYPE_CHECKING:
+    from fedpower.config import PrivacyConfig
+
+log = logging.getLogger("fedpower.strategy")
 
 
 @dataclass
@@ -96,9 +102,34 @@ class PrivacyPlan:
         """Resumable state: the accountant's plus the participation counts."""
         return {"accountant": self.accountant.state, "participations": dict(self.participations)}
 
+    def refuse(self, cohort: Sequence[int], server_round: int, strategy: str) -> str | None:
+        """Why round ``server_round`` must not run (it would take ε past the budget), or None when it may.
+
+        Raises BudgetExceeded instead under ``on_budget_exceeded: error``.
+        """
+        if not self.would_exceed(cohort):
+            return None
+        message = (f"strategy {strategy}: round {server_round} would take ε from {self.epsilon:.4g} to "
+                   f"{self.epsilon_after(cohort):.4g} > target_epsilon {self.target_epsilon:g} (δ={self.delta:g})")
+        if self.on_budget_exceeded == "error":
+            raise BudgetExceeded(message)
+        log.warning("%s; stopping after round %d", message, server_round - 1)
+        return f"privacy budget: stopped before round {server_round} (ε={self.epsilon:.4g})"
+
+    def checkpoint(self) -> dict[str, Any]:
+        """JSON-able state for a resumed run: accountant, σ and participation counts."""
+        return {"accountant": self.accountant.state, "noise_multiplier": self.noise_multiplier,
+                "participations": {str(p): n for p, n in self.participations.items()}}
+
+    def restore(self, saved: Mapping[str, Any]) -> None:
+        """Continue from :meth:`checkpoint` output."""
+        self.accountant = Accountant.restore(dict(saved["accountant"]))
+        self.noise_multiplier = float(saved["noise_multiplier"])
+        self.participations = {int(p): int(n) for p, n in saved["participations"].items()}
+
 
 def make_plan(
-    privacy: Mapping[str, Any], *, num_clients: int, cohort_size: int, rounds: int,
+    privacy: "PrivacyConfig | Mapping[str, Any]", *, num_clients: int, cohort_size: int, rounds: int,
     cohorts: Callable[[int], Sequence[int]] | None = None,
 ) -> PrivacyPlan:
     """Resolve a ``privacy`` block for a run; calibrates σ when only ``target_epsilon`` is given.
@@ -107,12 +138,12 @@ def make_plan(
     every round is assumed to include every client. Raises BudgetExceeded for ``on_budget_exceeded:
     error`` when the planned rounds would exceed the budget, ValueError on settings it cannot analyse.
     """
-    mode = str(privacy["mode"])
-    sampling = str(privacy.get("sampling", "poisson"))
-    method = str(privacy.get("accountant", "rdp"))
-    delta = float(privacy.get("delta", 1e-5))
-    target = privacy.get("target_epsilon")
-    target = None if target is None else float(target)
+    from fedpower.config import PrivacyConfig
+
+    if not isinstance(privacy, PrivacyConfig):
+        privacy = PrivacyConfig.model_validate(dict(privacy))
+    mode, sampling, method, delta = privacy.mode, privacy.sampling, privacy.accountant, privacy.delta
+    target = privacy.target_epsilon
     settings: dict[str, Any] = {"method": method}
     if mode == "local":
         settings["sampling"] = "local"
@@ -124,18 +155,18 @@ def make_plan(
     else:
         settings.update(sampling="fixed", population=num_clients, cohort=cohort_size)
         planned_steps = rounds
-    sigma = privacy.get("noise_multiplier")
+    sigma = privacy.noise_multiplier
     calibrated = sigma is None
     if calibrated:
         if target is None:
             raise ValueError("privacy needs noise_multiplier or target_epsilon")
         sigma = calibrate_noise(target, delta, max(1, planned_steps), **settings)
     accountant = Accountant(float(sigma), **settings)
-    plan = PrivacyPlan(mode=mode, clip_norm=float(privacy["clip_norm"]), noise_multiplier=float(sigma), delta=delta,
+    plan = PrivacyPlan(mode=mode, clip_norm=privacy.clip_norm, noise_multiplier=float(sigma), delta=delta,
                        sampling=sampling, expected_cohort=float(cohort_size), population=num_clients,
                        accountant=accountant, rounds=rounds,
-                       target_epsilon=target, on_budget_exceeded=str(privacy.get("on_budget_exceeded", "stop")),
-                       calibrated=calibrated, noise_seed=privacy.get("noise_seed"), planned_steps=planned_steps)
+                       target_epsilon=target, on_budget_exceeded=privacy.on_budget_exceeded,
+                       calibrated=calibrated, noise_seed=privacy.noise_seed, planned_steps=planned_steps)
     if target is not None and not calibrated and plan.on_budget_exceeded == "error":
         planned_epsilon = accountant.epsilon(delta, planned_steps)
         if planned_epsilon > target:
