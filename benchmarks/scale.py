@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages come first
@@ -224,8 +224,8 @@ class Timeline:
         self.events[name]["end"] = time.time()
 
 
-def run_flower(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]:
-    """The experiment through Flower's simulation engine; start-up split into Ray/actors and node discovery."""
+def run_flower(experiment: dict[str, Any], timeline: Timeline, engine: str = "ray") -> dict[str, Any]:
+    """The experiment through a simulation engine (``ray`` or ``inprocess``); start-up split into engine and discovery."""
     import strategies.server as server
     from fedpower.results import RunResults
     from strategies.simulation import run_simulation_experiment
@@ -234,7 +234,7 @@ def run_flower(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]
     phases: dict[str, float] = {}
 
     def timed_discovery(*args: Any, **kwargs: Any) -> Any:
-        """The server's first step: ask every node for its partition (N query messages)."""
+        """The server's first step: ask every node for its partition (N query messages on Ray, none in-process)."""
         phases["discovery_start"] = time.time()
         try:
             return discover(*args, **kwargs)
@@ -242,6 +242,9 @@ def run_flower(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]
             phases["discovery_end"] = time.time()
 
     server.discover_partitions = timed_discovery  # timing only: the function itself is unchanged
+    experiment = {**experiment, "simulation": {**experiment["simulation"], "engine": engine}}
+    if engine == "inprocess":  # Ray's resource keys mean nothing without Ray
+        experiment["simulation"] = {"engine": "inprocess", "num_cpus_per_client": 1.0}
     results = RunResults(experiment=experiment["experiment"], config=experiment)
     phases["simulate_start"] = time.time()
     run_simulation_experiment(experiment, results, observer=timeline)
@@ -252,62 +255,63 @@ def run_flower(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]
 
 
 def run_bare(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]:
-    """The same rounds without Flower: sampled clients trained one after the other with the same fedpower code."""
+    """The same rounds without Flower: :func:`client_step`/:func:`server_step` called in a plain loop.
+
+    The floor an engine is measured against: the same training, codec, aggregation and evaluation
+    code as every engine (``fedpower.round``), no messages.
+    """
     import torch
 
-    from fedpower.codecs import build_codec, layout_of, pack
-    from fedpower.codecs.base import weighted_sum
-    from fedpower.codecs.receive import decode_contribution
-    from fedpower.experiment import clients_per_round, experiment_data, experiment_model, strategy_settings
+    from fedpower.codecs import layout_of
+    from fedpower.experiment import as_experiment, client_seed, experiment_data, experiment_model
     from fedpower.privacy import cohort_sampler
+    from fedpower.round import NUM_EXAMPLES, TRAIN_LOSS, Reply, client_step, server_step
     from fedpower.server_opt import ServerOptimizer
-    from fedpower.training import evaluate, get_params, set_params, train_local
+    from fedpower.server_state import init_server_state, plan_round, round_codec, sends_basis
+    from fedpower.training import evaluate, get_params, local_update, set_params
 
-    # One intra-op thread, as each Flower actor has (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor): with
-    # torch's default thread pool tiny batches on a busy 2-core machine ran ~20× slower (measured).
+    # One intra-op thread, as each Ray actor has (Ray sets OMP_NUM_THREADS=1 for a 1-CPU actor) and as the
+    # in-process engine uses: with torch's default thread pool tiny batches on a busy 2-core machine ran ~20×
+    # slower (measured).
     torch.set_num_threads(1)
     phases = {"data_start": time.time()}
-    dataset, parts, x_train, y_train, x_test, y_test = experiment_data(experiment)
+    config = as_experiment(experiment)
+    dataset, parts, x_train, y_train, x_test, y_test = experiment_data(config)
     phases["data_end"] = time.time()
-    seed, num_clients = int(experiment["seed"]), int(experiment["data"]["num_clients"])
-    for entry in experiment["strategies"]:
-        name = entry["name"]
-        settings = strategy_settings(experiment, name)
-        train, compression = settings["train"], settings["compression"]
-        timeline.strategy_started(name, int(train["rounds"]))
-        server_model = experiment_model(experiment, name, dataset)
+    for settings in config.resolved():
+        timeline.strategy_started(settings.name, settings.train.rounds)
+        server_model = experiment_model(settings, dataset)
         params = {k: v.float() for k, v in get_params(server_model).items()}
-        inputs = layout_of(params)
-        server_opt = ServerOptimizer(**(train.get("server_optimizer") or {}))
-        sample = cohort_sampler(seed, range(num_clients), clients_per_round(train, num_clients), "fixed")
-        states: dict[int, dict[str, torch.Tensor]] = {}  # the clients' error-feedback state, kept across rounds
-        evaluate(server_model, x_test, y_test)  # round 0, as the Flower run does
-        rounds = int(train["rounds"])
-        for server_round in range(1, rounds + 1):
-            codec = build_codec(compression)
-            contributions, weights = [], []
+        optimizer = ServerOptimizer(**settings.train.server_optimizer.model_dump())
+        codec_state = init_server_state(settings.compression, layout_of(params), settings.seed)
+        sample = cohort_sampler(settings.seed, range(settings.num_clients), settings.clients_per_round, "fixed")
+        states: dict[int, dict[str, Any]] = {}  # the clients' codec state, kept across rounds as a store keeps it
+        evaluate(server_model, x_test, y_test)  # round 0, as the engines do
+        for server_round in range(1, settings.train.rounds + 1):
+            plan = plan_round(codec_state, settings.compression, settings.name, server_round)
+            codec = round_codec(settings.compression, plan,
+                                codec_state.basis if sends_basis(settings.compression, plan) else None)
+            replies = []
             for pid in sample(server_round):
-                model = experiment_model(experiment, name, dataset)  # a fresh model per client, as a ClientApp does
-                set_params(model, params)
-                examples, _ = train_local(
-                    model, x_train, y_train, parts[pid], epochs=train["local_epochs"], batch_size=train["batch_size"],
-                    optimizer=train["optimizer"], lr=train["lr"], seed=seed * 1_000_003 + server_round * 10_007 + pid)
-                local = get_params(model)
-                update = {k: local[k] - params[k] for k in params}
-                state = states.get(pid) or codec.init_state(inputs, seed=seed + pid)
-                generator = torch.Generator().manual_seed(seed + server_round * 10_007 + pid)
-                encoded, states[pid] = codec.encode(update, state, generator)
-                packed = pack(encoded, codec.layout(inputs))
-                contributions.append(decode_contribution(codec, packed, inputs))
-                weights.append(float(examples))
-            reduced = weighted_sum(contributions, [w / sum(weights) for w in weights])
-            params = server_opt.step(params, codec.expand(reduced, inputs))
-            if server_round % int(train["evaluate_every"]) == 0 or server_round == rounds:
+                seed = client_seed(settings.seed, server_round, pid)
+                model = experiment_model(settings, dataset)  # a fresh model per client, as a ClientApp does
+                update, examples, loss = local_update(model, params, x_train, y_train, parts[pid], settings.train, seed)
+                payload, state, metrics = client_step(update, states.get(pid), plan, settings, codec, partition=pid,
+                                                      seed=seed)
+                if state:
+                    states[pid] = {k: v.numpy() for k, v in state.items()}
+                replies.append(Reply(pid, payload, {NUM_EXAMPLES: examples, TRAIN_LOSS: loss, **metrics,
+                                                    **plan.echo()}))
+            outcome = server_step(replies, plan, settings, codec, params=params, optimizer=optimizer,
+                                  codec_state=codec_state, sampled=len(replies))
+            if outcome.params is not None:
+                params, codec_state = outcome.params, outcome.codec_state
+            if server_round % settings.train.evaluate_every == 0 or server_round == settings.train.rounds:
                 set_params(server_model, params)
                 _, accuracy = evaluate(server_model, x_test, y_test)
-                timeline.events[name]["accuracy"] = accuracy
-            timeline.events[name]["rounds"].append(time.time())
-        timeline.strategy_finished(name, {})
+                timeline.events[settings.name]["accuracy"] = accuracy
+            timeline.events[settings.name]["rounds"].append(time.time())
+        timeline.strategy_finished(settings.name, {})
     return {"phases": phases}
 
 
@@ -316,8 +320,10 @@ def worker_main(spec_path: Path, out_path: Path) -> int:
     started = time.time()
     spec = json.loads(spec_path.read_text())
     timeline = Timeline()
-    runner: Callable[[dict[str, Any], Timeline], dict[str, Any]] = run_flower if spec["kind"] == "flower" else run_bare
-    extra = runner(spec["experiment"], timeline)
+    if spec["kind"] == "bare":
+        extra = run_bare(spec["experiment"], timeline)
+    else:
+        extra = run_flower(spec["experiment"], timeline, engine="ray" if spec["kind"] == "flower" else "inprocess")
     out = {"process_start": started, "process_end": time.time(), "events": timeline.events, **extra}
     out_path.write_text(json.dumps(out))
     return 0
@@ -387,7 +393,7 @@ def summarize(kind: str, experiment: Mapping[str, Any], out: Mapping[str, Any], 
         "peak_processes": [{"name": n, "rss_mb": r / 1e6, "pss_mb": p / 1e6} for n, r, p in sampler.peak_breakdown[:12]],
     }
     phases = out.get("phases", {})
-    if kind == "flower" and "simulate_start" in phases:
+    if kind in ("flower", "inprocess") and "simulate_start" in phases:
         row["imports_seconds"] = phases["simulate_start"] - launched
         row["ray_start_seconds"] = phases.get("discovery_start", first_start) - phases["simulate_start"]
         row["discovery_seconds"] = phases.get("discovery_end", first_start) - phases.get("discovery_start", first_start)
@@ -458,13 +464,19 @@ def _params_of(size: str) -> int:
     return sum(p.numel() for p in build_model(spec["name"], shape_only_dataset(), **(spec.get("options") or {})).parameters())
 
 
-def pair_rows(flower: Mapping[str, Any], bare: Mapping[str, Any], label: str) -> list[dict[str, Any]]:
-    """One table row per strategy: Flower vs bare loop in the same run."""
+def pair_rows(flower: Mapping[str, Any], bare: Mapping[str, Any], label: str,
+              inprocess: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One table row per strategy: Ray engine and in-process engine vs the bare loop, in the same run."""
     rows = []
     for name, f in flower["strategies"].items():
         b = bare["strategies"][name]
+        row = {} if inprocess is None else {
+            "inprocess_round_s": inprocess["strategies"][name]["steady_round_seconds"],
+            "inprocess_overhead_per_round": inprocess["strategies"][name]["steady_round_seconds"] / b["steady_round_seconds"],
+            "inprocess_peak_rss_gb": inprocess["strategies"][name]["memory"]["rss_gb"],
+            "accuracy_inprocess": inprocess["strategies"][name]["accuracy"]}
         rows.append({
-            "scenario": label, "num_clients": flower["num_clients"], "strategy": name,
+            **row, "scenario": label, "num_clients": flower["num_clients"], "strategy": name,
             "flower_round_s": f["steady_round_seconds"], "bare_round_s": b["steady_round_seconds"],
             "overhead_per_round": f["steady_round_seconds"] / b["steady_round_seconds"],
             "flower_first_round_s": f["first_round_seconds"], "bare_first_round_s": b["first_round_seconds"],
@@ -477,28 +489,36 @@ def pair_rows(flower: Mapping[str, Any], bare: Mapping[str, Any], label: str) ->
 def markdown(doc: Mapping[str, Any]) -> str:
     """Markdown tables of the run."""
     out = []
-    head = ("| N clients | model | strategy | Flower s/round | bare s/round | overhead | Flower peak RSS (tree) | "
-            "PSS | bare peak RSS |")
+    head = ("| N clients | model | strategy | bare s/round | in-process s/round | in-process / bare | Ray s/round | "
+            "Ray / bare | in-process peak RSS | Ray peak RSS (tree) | Ray PSS | bare peak RSS |")
     for title, key in (("Clients axis", "clients_axis"), ("Model axis (N = 1000)", "model_axis")):
         pairs = doc.get(key) or []
         if not pairs:
             continue
-        out += [f"**{title}**", "", head, "|" + "---|" * 9]
+        out += [f"**{title}**", "", head, "|" + "---|" * 12]
         for pair in pairs:
             for r in pair["rows"]:
-                out.append(f"| {r['num_clients']} | {pair['model_label']} | {r['strategy']} | {r['flower_round_s']:.3f} | "
-                           f"{r['bare_round_s']:.3f} | {r['overhead_per_round']:.2f}× | "
+                out.append(f"| {r['num_clients']} | {pair['model_label']} | {r['strategy']} | {r['bare_round_s']:.3f} | "
+                           f"{r.get('inprocess_round_s', math.nan):.3f} | "
+                           f"{r.get('inprocess_overhead_per_round', math.nan):.2f}× | {r['flower_round_s']:.3f} | "
+                           f"{r['overhead_per_round']:.2f}× | {r.get('inprocess_peak_rss_gb', math.nan):.2f} GB | "
                            f"{r['flower_peak_rss_gb']:.2f} GB | {r['flower_peak_pss_gb']:.2f} GB | "
                            f"{r['bare_peak_rss_gb']:.2f} GB |")
         out.append("")
-        out += ["| N clients | model | Flower total s | bare total s | overhead (total) | imports s | Ray + actors s | "
-                "discovery s | Flower peak RSS | PSS | processes |", "|" + "---|" * 11]
+        out += ["| N clients | model | engine | total s | / bare total | imports s | engine start s | discovery s | "
+                "start-up after imports s | peak RSS | PSS | processes |", "|" + "---|" * 12]
         for pair in pairs:
-            f, b = pair["flower"], pair["bare"]
-            out.append(f"| {f['num_clients']} | {pair['model_label']} | {f['total_seconds']:.1f} | {b['total_seconds']:.1f} | "
-                       f"{f['total_seconds'] / b['total_seconds']:.2f}× | {f.get('imports_seconds', 0):.1f} | "
-                       f"{f.get('ray_start_seconds', 0):.1f} | {f.get('discovery_seconds', 0):.1f} | "
-                       f"{f['memory']['rss_gb']:.2f} GB | {f['memory']['pss_gb']:.2f} GB | {f['memory']['processes']} |")
+            b = pair["bare"]
+            for kind, label in (("inprocess", "in-process"), ("flower", "Ray")):
+                if kind not in pair:
+                    continue
+                f = pair[kind]
+                after_imports = f.get("ray_start_seconds", 0) + f.get("discovery_seconds", 0)
+                out.append(f"| {f['num_clients']} | {pair['model_label']} | {label} | {f['total_seconds']:.1f} | "
+                           f"{f['total_seconds'] / b['total_seconds']:.2f}× | {f.get('imports_seconds', 0):.1f} | "
+                           f"{f.get('ray_start_seconds', 0):.1f} | {f.get('discovery_seconds', 0):.1f} | "
+                           f"{after_imports:.1f} | {f['memory']['rss_gb']:.2f} GB | {f['memory']['pss_gb']:.2f} GB | "
+                           f"{f['memory']['processes']} |")
         out.append("")
     if doc.get("idle_state"):
         out += ["**Memory per idle client** (PowerSGD r4 state of the model, two saved rounds kept)", "",
@@ -522,22 +542,29 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
         xs = [p["flower"]["num_clients"] for p in clients]
         rows = [next(r for r in p["rows"] if r["strategy"] == strategy) for p in clients]
         if xs:
-            axes[0].plot(xs, [r["flower_round_s"] for r in rows], "o-", color=color, label=f"{strategy} Flower")
+            axes[0].plot(xs, [r["flower_round_s"] for r in rows], "o-", color=color, label=f"{strategy} Ray")
+            if all("inprocess_round_s" in r for r in rows):
+                axes[0].plot(xs, [r["inprocess_round_s"] for r in rows], "^-.", color=color,
+                             label=f"{strategy} in-process")
             axes[0].plot(xs, [r["bare_round_s"] for r in rows], "s--", color=color, label=f"{strategy} bare loop")
     axes[0].set(xlabel="clients N (10 sampled per round)", ylabel="seconds per round (steady state)",
                 title="time per round, 1-D CNN")
     if clients:
         xs = [p["flower"]["num_clients"] for p in clients]
-        axes[1].plot(xs, [p["flower"]["memory"]["rss_gb"] for p in clients], "o-", label="Flower, RSS sum")
-        axes[1].plot(xs, [p["flower"]["memory"]["pss_gb"] for p in clients], "o:", label="Flower, PSS sum")
+        axes[1].plot(xs, [p["flower"]["memory"]["rss_gb"] for p in clients], "o-", label="Ray, RSS sum")
+        axes[1].plot(xs, [p["flower"]["memory"]["pss_gb"] for p in clients], "o:", label="Ray, PSS sum")
+        if all("inprocess" in p for p in clients):
+            axes[1].plot(xs, [p["inprocess"]["memory"]["rss_gb"] for p in clients], "^-.", label="in-process, RSS")
         axes[1].plot(xs, [p["bare"]["memory"]["rss_gb"] for p in clients], "s--", label="bare loop, RSS")
     axes[1].axhline(TARGET_RSS_GB, color="grey", lw=0.8, ls=":")
     axes[1].set(xlabel="clients N", ylabel="peak memory of the process tree (GB)", title="peak memory, 1-D CNN")
     models = doc.get("model_axis") or []
     if models:
         xs = [_params_of(p["model_label"]) for p in models]
-        axes[2].plot(xs, [p["flower"]["memory"]["rss_gb"] for p in models], "o-", label="Flower, RSS sum")
-        axes[2].plot(xs, [p["flower"]["memory"]["pss_gb"] for p in models], "o:", label="Flower, PSS sum")
+        axes[2].plot(xs, [p["flower"]["memory"]["rss_gb"] for p in models], "o-", label="Ray, RSS sum")
+        axes[2].plot(xs, [p["flower"]["memory"]["pss_gb"] for p in models], "o:", label="Ray, PSS sum")
+        if all("inprocess" in p for p in models):
+            axes[2].plot(xs, [p["inprocess"]["memory"]["rss_gb"] for p in models], "^-.", label="in-process, RSS")
         axes[2].plot(xs, [p["bare"]["memory"]["rss_gb"] for p in models], "s--", label="bare loop, RSS")
         axes[2].set_xscale("log")
     axes[2].axhline(TARGET_RSS_GB, color="grey", lw=0.8, ls=":")
@@ -552,11 +579,11 @@ def plot(doc: Mapping[str, Any], path: Path) -> None:
 
 def pregenerate(experiments: Sequence[Mapping[str, Any]]) -> None:
     """Generate (and cache) each mnist1d variant once, outside every timed scenario."""
-    from fedpower.experiment import experiment_data
+    from fedpower.experiment import as_experiment, experiment_data
 
     for experiment in experiments:
         started = time.perf_counter()
-        experiment_data(experiment)
+        experiment_data(as_experiment(experiment))
         print(f"data for {experiment['experiment']}: {time.perf_counter() - started:.1f} s", flush=True)
 
 
@@ -612,12 +639,12 @@ def main(argv: list[str] | None = None) -> int:
     for size, n in plan:
         experiment = experiments[(size, n)]
         pair: dict[str, Any] = {"model_label": size, "params": _params_of(size)}
-        for kind in ("bare", "flower"):
+        for kind in ("bare", "inprocess", "flower"):
             print(f"--- {kind}: N={n}, model {size}, {args.rounds} rounds × {len(STRATEGIES)} strategies", flush=True)
             pair[kind] = run_scenario(kind, experiment, args.timeout, log_dir)
             print(f"    total {pair[kind]['total_seconds']:.1f} s, peak RSS {pair[kind]['memory']['rss_gb']:.2f} GB "
                   f"(PSS {pair[kind]['memory']['pss_gb']:.2f} GB)", flush=True)
-        pair["rows"] = pair_rows(pair["flower"], pair["bare"], f"N={n} {size}")
+        pair["rows"] = pair_rows(pair["flower"], pair["bare"], f"N={n} {size}", pair["inprocess"])
         doc["clients_axis" if size == "cnn1d" else "model_axis"].append(pair)
     if args.idle_state_clients:
         print(f"--- idle client state: 1m model, {args.idle_state_clients} clients per store", flush=True)

@@ -68,8 +68,9 @@ def _reply_metrics(settings: StrategyConfig, plan: RoundPlan, pid: int, examples
             DELAY_METRIC: reply_delay(settings.train.failures, settings.seed, plan.round, pid)}
 
 
-def handle_train(msg: Message, context: Context, experiment: ExperimentConfig) -> Message:
+def handle_train(msg: Message, context: Context, experiment: ExperimentConfig | Mapping[str, Any]) -> Message:
     """Train locally and reply with the compressed update."""
+    experiment = as_experiment(experiment)
     plan = RoundPlan.from_record(msg.content["config"])
     settings = experiment.resolve(plan.strategy)
     pid = partition_id(context)
@@ -94,8 +95,9 @@ def handle_train(msg: Message, context: Context, experiment: ExperimentConfig) -
     return Message(reply, reply_to=msg)
 
 
-def handle_evaluate(msg: Message, context: Context, experiment: ExperimentConfig) -> Message:
+def handle_evaluate(msg: Message, context: Context, experiment: ExperimentConfig | Mapping[str, Any]) -> Message:
     """Evaluate the global model on this client's own partition (federated evaluation)."""
+    experiment = as_experiment(experiment)
     plan = RoundPlan.from_record(msg.content["config"])
     settings = experiment.resolve(plan.strategy)
     device = node_device(context, settings.train)

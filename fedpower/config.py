@@ -216,7 +216,7 @@ class SimulationConfig(_Model):
     """
 
     engine: Literal["inprocess", "ray"] = "inprocess"
-    num_cpus_per_client: float = Field(1.0, gt=0)  # Ray CPU share of one client; actors = CPUs / this
+    num_cpus_per_client: float = Field(1.0, gt=0)  # CPU share of one client: Ray actors = CPUs / this; in-process: torch threads
     num_gpus_per_client: float = Field(0.0, ge=0)  # fractional GPUs let clients share one
     ray_address: Optional[str] = None  # an existing Ray cluster ("auto" or "HOST:PORT"); null starts a local one
     max_concurrent_clients: Optional[int] = Field(None, ge=1)  # null: one per CPU core of this machine

@@ -141,7 +141,9 @@ class CompressedFedAvg(FedAvg):
         if server_round not in self._plans:
             return None, None  # stopped before this round was configured: nothing trained
         plan, codec, cohort, _ = self._plans[server_round]
-        outcome = server_step([self._to_reply(m, server_round) for m in replies], plan, self.settings, codec,
+        # Replies arrive in completion order; ledger and sums go in partition order, so runs repeat exactly.
+        ordered = sorted(replies, key=lambda m: self._partition(m.metadata.src_node_id))
+        outcome = server_step([self._to_reply(m, server_round) for m in ordered], plan, self.settings, codec,
                               params=self.params, optimizer=self.optimizer, codec_state=self.codec_state,
                               privacy=self.privacy, delay_key=DELAY_METRIC, sampled=len(cohort))
         if self.privacy is not None:

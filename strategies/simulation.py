@@ -108,7 +108,8 @@ def run_simulation_experiment(
     server_app = make_server_app(experiment, results, observer, should_stop)
     client_app = client_app if client_app is not None else make_client_app(experiment)
     if experiment.simulation.engine == "inprocess":
-        run_inprocess(server_app, client_app, experiment.data.num_clients)
+        run_inprocess(server_app, client_app, experiment.data.num_clients,
+                      threads=max(1, round(experiment.simulation.num_cpus_per_client)))
         return results
     from flwr.simulation import run_simulation  # imported late: pulls in Ray
 
@@ -122,8 +123,13 @@ def run_simulation_experiment(
     return results
 
 
-def run_inprocess(server_app: Any, client_app: Any, num_nodes: int, run_id: int = 1) -> None:
-    """Run ``server_app`` against ``num_nodes`` in-process nodes answering through ``client_app``."""
+def run_inprocess(server_app: Any, client_app: Any, num_nodes: int, run_id: int = 1, threads: int = 1) -> None:
+    """Run ``server_app`` against ``num_nodes`` in-process nodes answering through ``client_app``.
+
+    ``threads``: torch intra-op threads while the run lasts (a client's CPU share, as a Ray actor gets):
+    small models train faster on one thread than on a pool that contends with the rest of the machine.
+    """
+    import torch
     from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.task_identity import TaskIdentity
@@ -134,7 +140,12 @@ def run_inprocess(server_app: Any, client_app: Any, num_nodes: int, run_id: int 
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     grid = InProcessGrid(client_app, num_nodes, run_id=run_id)
     context = Context(run_id=run_id, node_id=SUPERLINK_NODE_ID, node_config={}, state=RecordDict(), run_config={})
-    server_app(grid, context)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        server_app(grid, context)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def simulate(config: Any, *, verbose: bool = False, observer: Any = None) -> RunResults:
