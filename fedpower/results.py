@@ -41,7 +41,7 @@ class StrategyResult:
         last = self.rounds[-1] if self.rounds else {}
         return {
             "accuracy": last.get("accuracy", float("nan")),
-            "best_accuracy": max((r["accuracy"] for r in self.rounds), default=float("nan")),
+            "best_accuracy": best_accuracy(self.rounds),
             "uplink_bytes_total": self.ledger.total("up"),
             "downlink_bytes_total": self.ledger.total("down"),
             "uplink_payload_bytes_total": self.ledger.total("up", "payload_bytes"),
@@ -62,6 +62,17 @@ class StrategyResult:
     def to_dict(self) -> dict[str, Any]:
         """results.json entry for this strategy."""
         return {"name": self.name, "rounds": self.rounds, "final": self.final(), "completed": self.completed}
+
+
+def best_accuracy(rounds: list[dict[str, Any]]) -> float:
+    """Highest accuracy over the evaluated rounds (NaN when none was evaluated).
+
+    Why the filter: with ``evaluate_every > 1`` the rounds in between carry NaN (or None once
+    read back from a checkpoint), and ``max`` over a NaN gives NaN or a wrong answer by position.
+    """
+    evaluated = [float(r["accuracy"]) for r in rounds
+                 if isinstance(r.get("accuracy"), (int, float)) and math.isfinite(r["accuracy"])]
+    return max(evaluated, default=float("nan"))
 
 
 def _finite_or_none(value: float) -> float | None:
