@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.packing import entropy_encode
 from fedpower.codecs.powersgd import basis_layout
-from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.experiment import client_indices, experiment_data, experiment_model, strategy_settings
 from fedpower.records import model_from_arrays
 from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
@@ -116,7 +116,8 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
     set_params(model, global_params)
     seed = int(experiment["seed"]) * 1_000_003 + server_round * 10_007 + pid
     num_examples, loss = train_local(
-        model, x_train, y_train, parts[pid], epochs=train_cfg["local_epochs"], batch_size=train_cfg["batch_size"],
+        model, x_train, y_train, client_indices(experiment, pid)[0],  # without the federated-evaluation holdout
+        epochs=train_cfg["local_epochs"], batch_size=train_cfg["batch_size"],
         optimizer=train_cfg["optimizer"], lr=train_cfg["lr"], momentum=train_cfg.get("momentum", 0.0),
         weight_decay=train_cfg.get("weight_decay", 0.0), seed=seed)
     local = get_params(model)
@@ -175,7 +176,7 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
 
 
 def handle_evaluate(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
-    """Evaluate the global model on this client's own partition (federated evaluation)."""
+    """Evaluate the global model on the part of this client's partition held out from training."""
     config = msg.content["config"]
     strategy = str(config["strategy"])
     settings = strategy_settings(experiment, strategy)
@@ -183,7 +184,7 @@ def handle_evaluate(msg: Message, context: Context, experiment: Mapping[str, Any
     dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
     model = experiment_model(experiment, strategy, dataset).to(device)
     set_params(model, model_from_arrays(msg.content["arrays"], device))
-    idx = torch.as_tensor(parts[partition_id(context)], dtype=torch.long)
+    idx = torch.as_tensor(client_indices(experiment, partition_id(context))[1], dtype=torch.long)
     loss, accuracy = evaluate(model, x_train[idx], y_train[idx])
     metrics = MetricRecord({"num-examples": len(idx), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -177,7 +177,8 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where clients train
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     evaluate_every: int = Field(1, ge=1)  # rounds between evaluations of the global model
-    federated_evaluation: bool = False  # also evaluate on the clients' local data
+    federated_evaluation: bool = False  # also evaluate on data the clients hold out from training
+    federated_holdout: float = Field(0.2, gt=0, lt=1)  # share of each partition held out when some strategy evaluates federatedly
     failures: FailuresConfig = Field(default_factory=FailuresConfig)  # simulated dropouts and stragglers
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)  # norm bound, minimum clients
 
@@ -385,6 +386,14 @@ class StrategyConfig(_Model):
     privacy: Optional[PrivacyConfig] = None  # null: no differential privacy
     train: Optional[TrainOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level train
     model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
+
+    @model_validator(mode="after")
+    def _run_wide_holdout(self) -> "StrategyConfig":
+        """The federated-evaluation holdout is one split for the run, so that every strategy trains on the same data."""
+        if self.train is not None and getattr(self.train, "federated_holdout", None) is not None:
+            raise ConfigIssues([(("train", "federated_holdout"), "federated_holdout applies to the whole run (every "
+                                 "strategy trains on the same examples); set it in the top-level train block")])
+        return self
 
 
 def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

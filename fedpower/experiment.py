@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 import torch
 
-from fedpower.data import Dataset, load_dataset, partition
+from fedpower.data import Dataset, load_dataset, partition, split_holdout
 from fedpower.models import build_model
 from fedpower.privacy.sampling import cohort_sampler
 
@@ -103,6 +103,24 @@ def _load(data_key: str) -> tuple[Dataset, tuple[np.ndarray, ...], torch.Tensor,
 def experiment_data(experiment: Mapping[str, Any]):
     """(dataset, partitions, x_train, y_train, x_test, y_test) for this experiment, cached per process."""
     return _load(_data_key(experiment))
+
+
+def holdout_fraction(experiment: Mapping[str, Any]) -> float:
+    """Share of each client's partition kept for federated evaluation: 0 unless some strategy evaluates so.
+
+    One value for the whole run (the top-level ``train.federated_holdout``): every strategy then
+    trains on the same examples, whichever of them evaluates federatedly.
+    """
+    evaluating = any(strategy_settings(experiment, entry["name"])["train"].get("federated_evaluation")
+                     for entry in experiment["strategies"])
+    return float(experiment["train"].get("federated_holdout", 0.2)) if evaluating else 0.0
+
+
+def client_indices(experiment: Mapping[str, Any], partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(examples a client trains on, examples it evaluates the global model on) of its partition."""
+    parts = experiment_data(experiment)[1]
+    return split_holdout(parts[partition_id], holdout_fraction(experiment), seed=int(experiment["seed"]),
+                         partition_id=partition_id)
 
 
 def experiment_model(experiment: Mapping[str, Any], strategy: str, dataset: Dataset) -> torch.nn.Module:
