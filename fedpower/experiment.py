@@ -16,6 +16,7 @@ import torch
 
 from fedpower.data import Dataset, load_dataset, partition, split_holdout
 from fedpower.models import build_model
+from fedpower.privacy.mechanism import strategy_noise_seed
 from fedpower.privacy.sampling import cohort_sampler
 
 if TYPE_CHECKING:
@@ -45,10 +46,14 @@ def strategy_settings(experiment: Mapping[str, Any], name: str) -> dict[str, Any
     """Resolved settings of one strategy: its compression, privacy, train and model."""
     for entry in experiment["strategies"]:
         if entry["name"] == name:
+            privacy = entry.get("privacy")
+            if privacy and privacy.get("noise_seed") is not None:
+                # Server and clients read the seed from here: never one noise stream for two strategies.
+                privacy = {**privacy, "noise_seed": strategy_noise_seed(privacy["noise_seed"], name)}
             return {
                 "name": name,
                 "compression": dict(entry.get("compression") or {"method": "none"}),
-                "privacy": entry.get("privacy"),
+                "privacy": privacy,
                 "train": deep_merge(experiment["train"], entry.get("train")),
                 "model": deep_merge(experiment["model"], entry.get("model")),
             }
