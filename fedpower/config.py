@@ -168,6 +168,7 @@ class TrainConfig(_Model):
     rounds: int = Field(50, ge=1)  # federated rounds
     clients_per_round: Optional[int] = Field(10, ge=1)  # clients sampled per round (or use fraction)
     fraction: Optional[float] = Field(None, gt=0, le=1)  # share of clients sampled per round
+    sampling: Literal["fixed", "poisson"] = "fixed"  # cohorts of non-DP strategies (DP ones use privacy.sampling)
     local_epochs: int = Field(1, ge=1)  # passes over its data per client per round
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"  # client optimizer

@@ -60,6 +60,14 @@ def strategy_settings(experiment: Mapping[str, Any], name: str) -> dict[str, Any
     raise KeyError(f"no strategy named {name!r} in the experiment")
 
 
+def strategy_sampling(settings: Mapping[str, Any]) -> str:
+    """How a strategy's cohorts are drawn: its privacy block's sampling under DP, else ``train.sampling``."""
+    privacy = settings.get("privacy")
+    if privacy:
+        return str(privacy.get("sampling", "poisson"))
+    return str(settings["train"].get("sampling", "fixed"))
+
+
 def clients_per_round(train: Mapping[str, Any], num_clients: int) -> int:
     """Cohort size from ``clients_per_round`` or ``fraction`` (the expected size under Poisson sampling)."""
     if train.get("fraction"):

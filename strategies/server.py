@@ -19,7 +19,7 @@ from fedpower.checkpoint import ResumePoint, restore_rng, save_run_checkpoint
 from fedpower.codecs import layout_of
 from fedpower.codecs.budget import ranks_for
 from fedpower.experiment import (
-    clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_settings,
+    clients_per_round, experiment_data, experiment_model, privacy_plan, strategy_sampling, strategy_settings,
 )
 from fedpower.privacy import cohort_sampler
 from fedpower.records import arrays_to_tensors, tensors_to_arrays
@@ -138,7 +138,7 @@ def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
     evaluate_every = int(train.get("evaluate_every", 1))
     pending: dict[int, RoundStats] = {}
     plan = privacy_plan(experiment, name)
-    sampling = plan.sampling if plan is not None else "fixed"
+    sampling = strategy_sampling(settings)  # DP: privacy.sampling; otherwise train.sampling
     robustness = train.get("robustness") or {}
     failures = train.get("failures") or {}
     if plan is not None and plan.mode == "central" and robustness.get("max_norm_ratio") is not None:

@@ -593,3 +593,18 @@ def test_hypothesis_in_range_values_round_trip(rank: int, ratio: float) -> None:
 def test_programmatic_construction_validates() -> None:
     config = ExperimentConfig(strategies=[{"name": "a"}])  # type: ignore[list-item]
     assert config.strategies[0].compression.method == "none"
+
+
+def test_non_dp_strategies_can_opt_into_poisson_sampling() -> None:
+    """train.sampling picks a non-DP strategy's cohorts; a DP strategy always samples as its privacy block says."""
+    from fedpower.experiment import strategy_sampling, strategy_settings
+
+    experiment = parse_config({"train": {"sampling": "poisson"}, "strategies": [
+        {"name": "ref"}, {"name": "fixed-ref", "train": {"sampling": "fixed"}},
+        {"name": "dp", "privacy": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "fixed"}},
+    ]}).to_dict()
+    assert [strategy_sampling(strategy_settings(experiment, n)) for n in ("ref", "fixed-ref", "dp")] == \
+        ["poisson", "fixed", "fixed"]
+    assert parse_config({"strategies": [{"name": "s"}]}).train.sampling == "fixed"  # runs without it are unchanged
+    with pytest.raises(ConfigError, match="sampling"):
+        parse_config({"train": {"sampling": "bernoulli"}, "strategies": [{"name": "s"}]})
