@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from fedpower.codecs import layout_of, unpack
 from fedpower.config import ExperimentConfig, StrategyConfig, TrainConfig
-from fedpower.experiment import as_experiment, client_seed, experiment_data, experiment_model
+from fedpower.experiment import as_experiment, client_indices, client_seed, experiment_data, experiment_model
 from fedpower.plan import RoundPlan
 from fedpower.records import model_from_arrays
 from fedpower.round import NUM_EXAMPLES, PARTITION, TRAIN_LOSS, client_step
@@ -77,11 +77,12 @@ def handle_train(msg: Message, context: Context, experiment: ExperimentConfig | 
     if (dropped := dropout_reply(msg, settings.train.failures, settings.seed, plan.round, pid)) is not None:
         return dropped  # simulated dropout, before any training or state I/O: the residual stays as it was
     device = node_device(context, settings.train)
-    dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
+    dataset, _, x_train, y_train, _, _ = experiment_data(experiment)
     global_params = model_from_arrays(msg.content["arrays"], device)
     seed = client_seed(settings.seed, plan.round, pid)
+    train_idx = client_indices(experiment, pid)[0]  # without the federated-evaluation holdout
     update, examples, loss = local_update(experiment_model(settings, dataset).to(device), global_params, x_train,
-                                          y_train, parts[pid], settings.train, seed)
+                                          y_train, train_idx, settings.train, seed)
     codec = round_codec(settings.compression, plan, _basis(msg, settings, plan, update, device))
     store = make_store(experiment.client_state, experiment.experiment, context)
     saved = None if plan.dense else store.load(settings.name, pid, before_round=plan.round)
@@ -96,15 +97,15 @@ def handle_train(msg: Message, context: Context, experiment: ExperimentConfig | 
 
 
 def handle_evaluate(msg: Message, context: Context, experiment: ExperimentConfig | Mapping[str, Any]) -> Message:
-    """Evaluate the global model on this client's own partition (federated evaluation)."""
+    """Evaluate the global model on the part of this client's partition held out from training."""
     experiment = as_experiment(experiment)
     plan = RoundPlan.from_record(msg.content["config"])
     settings = experiment.resolve(plan.strategy)
     device = node_device(context, settings.train)
-    dataset, parts, x_train, y_train, _, _ = experiment_data(experiment)
+    dataset, _, x_train, y_train, _, _ = experiment_data(experiment)
     model = experiment_model(settings, dataset).to(device)
     set_params(model, model_from_arrays(msg.content["arrays"], device))
-    idx = torch.as_tensor(parts[partition_id(context)], dtype=torch.long)
+    idx = torch.as_tensor(client_indices(experiment, partition_id(context))[1], dtype=torch.long)
     loss, accuracy = evaluate(model, x_train[idx], y_train[idx])
     metrics = MetricRecord({NUM_EXAMPLES: len(idx), "eval_loss": loss, "eval_accuracy": accuracy})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -169,6 +169,7 @@ class TrainConfig(_Model):
     rounds: int = Field(50, ge=1)  # federated rounds
     clients_per_round: Optional[int] = Field(10, ge=1)  # clients sampled per round (or use fraction)
     fraction: Optional[float] = Field(None, gt=0, le=1)  # share of clients sampled per round
+    sampling: Literal["fixed", "poisson"] = "fixed"  # cohorts of non-DP strategies (DP ones use privacy.sampling)
     local_epochs: int = Field(1, ge=1)  # passes over its data per client per round
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"  # client optimizer
@@ -178,7 +179,8 @@ class TrainConfig(_Model):
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"  # where clients train
     server_optimizer: ServerOptimizerConfig = Field(default_factory=ServerOptimizerConfig)
     evaluate_every: int = Field(1, ge=1)  # rounds between evaluations of the global model
-    federated_evaluation: bool = False  # also evaluate on the clients' local data
+    federated_evaluation: bool = False  # also evaluate on data the clients hold out from training
+    federated_holdout: float = Field(0.2, gt=0, lt=1)  # share of each partition held out when some strategy evaluates federatedly
     failures: FailuresConfig = Field(default_factory=FailuresConfig)  # simulated dropouts and stragglers
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)  # norm bound, minimum clients
 
@@ -401,6 +403,14 @@ class StrategyEntry(_Model):
     train: Optional[TrainOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level train
     model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
 
+    @model_validator(mode="after")
+    def _run_wide_holdout(self) -> "StrategyEntry":
+        """The federated-evaluation holdout is one split for the run, so that every strategy trains on the same data."""
+        if self.train is not None and getattr(self.train, "federated_holdout", None) is not None:
+            raise ConfigIssues([(("train", "federated_holdout"), "federated_holdout applies to the whole run (every "
+                                 "strategy trains on the same examples); set it in the top-level train block")])
+        return self
+
 
 class StrategyConfig(_Model):
     """The effective settings of one strategy: what the server, every client, the dry run and tests use.
@@ -429,8 +439,18 @@ class StrategyConfig(_Model):
 
     @property
     def sampling(self) -> Literal["poisson", "fixed"]:
-        """How the server draws cohorts: what the privacy accountant assumes under DP, else fixed size."""
-        return self.privacy.sampling if self.privacy is not None else "fixed"
+        """How the server draws cohorts: what the privacy accountant assumes under DP, else ``train.sampling``."""
+        return self.privacy.sampling if self.privacy is not None else self.train.sampling
+
+    @property
+    def noise_seed(self) -> Optional[int]:
+        """This strategy's own DP noise seed (the configured one mixed with its name; None: OS entropy).
+
+        Server and clients both seed from here, so two DP strategies of one run never share noise.
+        """
+        from fedpower.privacy.mechanism import strategy_noise_seed
+
+        return None if self.privacy is None else strategy_noise_seed(self.privacy.noise_seed, self.name)
 
     @property
     def shared_basis(self) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedpower.config import ExperimentConfig, StrategyConfig, parse_config
-from fedpower.data import Dataset, load_dataset, partition
+from fedpower.data import Dataset, load_dataset, partition, split_holdout
 from fedpower.models import build_model
 from fedpower.privacy.sampling import cohort_sampler
 
@@ -56,8 +56,10 @@ def privacy_plan(settings: StrategyConfig) -> PrivacyPlan | None:
 
     cohort = settings.clients_per_round
     sample = cohort_sampler(settings.seed, range(settings.num_clients), cohort, settings.privacy.sampling)
-    return make_plan(settings.privacy, num_clients=settings.num_clients, cohort_size=cohort,
+    plan = make_plan(settings.privacy, num_clients=settings.num_clients, cohort_size=cohort,
                      rounds=settings.train.rounds, cohorts=sample)
+    plan.noise_seed = settings.noise_seed  # this strategy's own stream (never shared with another strategy)
+    return plan
 
 
 def _data_key(experiment: ExperimentConfig) -> str:
@@ -85,6 +87,23 @@ def _load(data_key: str) -> tuple[Dataset, tuple[np.ndarray, ...], torch.Tensor,
 def experiment_data(experiment: ExperimentConfig):
     """(dataset, partitions, x_train, y_train, x_test, y_test) for this experiment, cached per process."""
     return _load(_data_key(experiment))
+
+
+def holdout_fraction(experiment: ExperimentConfig) -> float:
+    """Share of each client's partition kept for federated evaluation: 0 unless some strategy evaluates so.
+
+    One value for the whole run (the top-level ``train.federated_holdout``): every strategy then
+    trains on the same examples, whichever of them evaluates federatedly.
+    """
+    evaluating = any(settings.train.federated_evaluation for settings in experiment.resolved())
+    return experiment.train.federated_holdout if evaluating else 0.0
+
+
+def client_indices(experiment: ExperimentConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(examples a client trains on, examples it evaluates the global model on) of its partition."""
+    parts = experiment_data(experiment)[1]
+    return split_holdout(parts[partition_id], holdout_fraction(experiment), seed=experiment.seed,
+                         partition_id=partition_id)
 
 
 def experiment_model(settings: StrategyConfig, dataset: Dataset) -> torch.nn.Module:

@@ -228,8 +228,16 @@ def comparison_table(results: RunResults) -> Table:
             "-" if final["epsilon"] is None else f"{final['epsilon']:.2f}",
             str(final["rejected_payloads"]), str(final["client_failures"]), str(final["rounds_kept_old_model"]),
             f"{final['wall_seconds']:.1f}", *(_network_cells(network, strategy.name) if network else ()))
+    captions = []
     if network is not None:
-        table.caption = f"link time: simulated on {describe_network(results.config['network'])} from the wire bytes"
+        captions.append(f"link time: simulated on {describe_network(results.config['network'])} from the wire bytes")
+    privacy = results.privacy()
+    if privacy is not None and len(privacy["strategies"]) > 1:  # one strategy's ε alone would understate it
+        epsilon = privacy["epsilon"]
+        captions.append(f"ε of all {len(privacy['strategies'])} DP strategies together (they train on the same "
+                        f"clients): {'∞' if not math.isfinite(epsilon) else f'{epsilon:.2f}'} at δ={privacy['delta']:g}")
+    if captions:
+        table.caption = "\n".join(captions)
     return table
 
 

@@ -41,7 +41,7 @@ class StrategyResult:
         last = self.rounds[-1] if self.rounds else {}
         return {
             "accuracy": last.get("accuracy", float("nan")),
-            "best_accuracy": max((r["accuracy"] for r in self.rounds), default=float("nan")),
+            "best_accuracy": best_accuracy(self.rounds),
             "uplink_bytes_total": self.ledger.total("up"),
             "downlink_bytes_total": self.ledger.total("down"),
             "uplink_payload_bytes_total": self.ledger.total("up", "payload_bytes"),
@@ -64,6 +64,17 @@ class StrategyResult:
         return {"name": self.name, "rounds": self.rounds, "final": self.final(), "completed": self.completed}
 
 
+def best_accuracy(rounds: list[dict[str, Any]]) -> float:
+    """Highest accuracy over the evaluated rounds (NaN when none was evaluated).
+
+    Why the filter: with ``evaluate_every > 1`` the rounds in between carry NaN (or None once
+    read back from a checkpoint), and ``max`` over a NaN gives NaN or a wrong answer by position.
+    """
+    evaluated = [float(r["accuracy"]) for r in rounds
+                 if isinstance(r.get("accuracy"), (int, float)) and math.isfinite(r["accuracy"])]
+    return max(evaluated, default=float("nan"))
+
+
 def _finite_or_none(value: float) -> float | None:
     """JSON has no NaN: undefined ratios become null."""
     return value if math.isfinite(value) else None
@@ -80,6 +91,7 @@ class RunResults:
     checkpoint_dir: str | None = None  # where the server checkpoints every round (run.py: the output folder)
     resume_from: Any = None  # a fedpower.checkpoint.ResumePoint to continue from (run.py --resume)
     _network_cache: Any = field(default=None, repr=False, compare=False)  # (key, summary) of network()
+    _privacy_cache: Any = field(default=None, repr=False, compare=False)  # (key, block) of privacy()
 
     def strategy(self, name: str) -> StrategyResult:
         """The (possibly new) result entry of a strategy."""
@@ -100,11 +112,27 @@ class RunResults:
             self._network_cache = (key, summary)
         return self._network_cache[1]
 
+    def privacy(self) -> dict[str, Any] | None:
+        """ε of all DP strategies of the run together (None without DP); cached until a strategy gains rounds."""
+        if not any(entry.get("privacy") for entry in self.config.get("strategies", [])):
+            return None
+        key = tuple((name, len(s.rounds)) for name, s in self.strategies.items())
+        if self._privacy_cache is None or self._privacy_cache[0] != key:
+            from fedpower.privacy.composition import run_privacy  # dp-accounting: only runs with DP need it
+
+            block = run_privacy(self.config, {name: len(s.rounds) for name, s in self.strategies.items()},
+                                {name: s.final()["epsilon"] for name, s in self.strategies.items()})
+            self._privacy_cache = (key, block)
+        return self._privacy_cache[1]
+
     def to_dict(self) -> dict[str, Any]:
-        """The results.json document (plus ``network`` when the config simulates links)."""
+        """The results.json document (plus ``network`` when the config simulates links, ``privacy`` with DP)."""
         document = {"experiment": self.experiment, "config": self.config,
                     "strategies": [s.to_dict() for s in self.strategies.values()], "environment": self.environment}
         network = self.network()
         if network is not None:
             document["network"] = network
+        privacy = self.privacy()
+        if privacy is not None:
+            document["privacy"] = privacy
         return document

@@ -100,7 +100,7 @@ def client_step(
     metrics = {STATE_NORM_IN: state_norm(state)}
     dp = client_privacy(settings, plan)
     if dp is not None:
-        noise = (noise_generator(settings.privacy.noise_seed, settings.seed, plan.round, partition)  # type: ignore[union-attr]
+        noise = (noise_generator(settings.noise_seed, settings.seed, plan.round, partition)
                  if dp.noise_std > 0 else None)
         encoded, new_state, info = private_encode(codec, update, None if plan.dense else state, dp, generator, noise)
         metrics[UPDATE_NORM] = info["clip_norm_in"]

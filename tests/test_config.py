@@ -634,3 +634,15 @@ def test_sent_strategy_settings_are_revalidated() -> None:
     text = parse_config({"strategies": [{"name": "s"}]}).resolve("s").to_json().replace('"rank":4', '"rank":0')
     with pytest.raises(ConfigError, match="rank"):
         StrategyConfig.from_json(text)
+
+
+def test_non_dp_strategies_can_opt_into_poisson_sampling() -> None:
+    """train.sampling picks a non-DP strategy's cohorts; a DP strategy always samples as its privacy block says."""
+    experiment = parse_config({"train": {"sampling": "poisson"}, "strategies": [
+        {"name": "ref"}, {"name": "fixed-ref", "train": {"sampling": "fixed"}},
+        {"name": "dp", "privacy": {"mode": "central", "clip_norm": 1.0, "noise_multiplier": 1.0, "sampling": "fixed"}},
+    ]})
+    assert [experiment.resolve(n).sampling for n in ("ref", "fixed-ref", "dp")] == ["poisson", "fixed", "fixed"]
+    assert parse_config({"strategies": [{"name": "s"}]}).train.sampling == "fixed"  # runs without it are unchanged
+    with pytest.raises(ConfigError, match="sampling"):
+        parse_config({"train": {"sampling": "bernoulli"}, "strategies": [{"name": "s"}]})

@@ -140,11 +140,8 @@ def test_ledger_totals_are_sums_over_rounds(run: Any) -> None:
         assert final["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in result.rounds)
 
 
-def test_wire_bytes_are_payload_plus_bounded_overhead(run: Any) -> None:
-    """Each message's serialized size = its arrays' bytes + a small, bounded protocol overhead."""
-    for result in run.strategies.values():
-        for t in result.ledger.transfers:
-            assert t.payload_bytes < t.wire_bytes <= t.payload_bytes + 4096, t
+# Wire bytes are checked against an independent serialization of the delivered messages in
+# tests/test_run_honesty.py (the old check here compared two fields filled by the same code).
 
 
 def test_residual_persists_across_skipped_rounds(run: Any) -> None:

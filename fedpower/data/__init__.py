@@ -7,6 +7,7 @@
 
 from fedpower.data.base import DataError, Dataset
 from fedpower.data.datasets import DATASET_NAMES, load_dataset
+from fedpower.data.holdout import split_holdout
 from fedpower.data.partition import PARTITION_KINDS, PARTITION_PARAMS, partition
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "Dataset",
     "load_dataset",
     "partition",
+    "split_holdout",
 ]

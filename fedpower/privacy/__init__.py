@@ -11,7 +11,9 @@ from typing import Any
 
 from fedpower.privacy.aggregate import central_aggregate, clipped_sum, mean_aggregate
 from fedpower.privacy.client import ClientPrivacy, linear_layout, private_encode, split_linear
-from fedpower.privacy.mechanism import clip_contribution, contribution_norm, gaussian_noise_like, noise_generator
+from fedpower.privacy.mechanism import (
+    clip_contribution, contribution_norm, gaussian_noise_like, noise_generator, strategy_noise_seed,
+)
 from fedpower.privacy.sampling import cohort_sampler, fixed_cohort, participation_counts, poisson_cohort
 
 _LAZY = {"Accountant": "accountant", "BudgetExceeded": "accountant", "calibrate_noise": "accountant",
@@ -21,7 +23,7 @@ __all__ = [
     "Accountant", "BudgetExceeded", "ClientPrivacy", "PrivacyPlan", "calibrate_noise", "central_aggregate",
     "clip_contribution", "clipped_sum", "cohort_sampler", "contribution_norm", "fixed_cohort", "gaussian_noise_like",
     "linear_layout", "make_plan", "mean_aggregate", "noise_generator", "participation_counts", "poisson_cohort",
-    "private_encode", "split_linear",
+    "private_encode", "split_linear", "strategy_noise_seed",
 ]
 
 

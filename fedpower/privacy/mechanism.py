@@ -7,6 +7,7 @@ everything one client sends in one round. Non-float tensors (none today) pass th
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from typing import Mapping
@@ -76,3 +77,16 @@ def noise_generator(noise_seed: int | None, *stream: int) -> torch.Generator:
             seed = (seed * 1_000_003 + int(part) + 0x9E3779B9) % (2**63 - 1)
         generator.manual_seed(seed)
     return generator
+
+
+def strategy_noise_seed(noise_seed: int | None, strategy: str) -> int | None:
+    """The noise seed one strategy uses: the configured ``noise_seed`` mixed with the strategy's name.
+
+    Why: strategies of one run sample the same clients in the same rounds; with one shared seed two
+    DP strategies would add identical noise, and their releases together would reveal far more
+    than each ε says. None (OS entropy) stays None.
+    """
+    if noise_seed is None:
+        return None
+    digest = hashlib.sha256(f"{int(noise_seed)}/{strategy}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)

@@ -4,7 +4,7 @@
 partition joins independently with probability q = k / N (the cohort size varies, and may be 0).
 Cohorts are keyed on partition ids (node ids are random per run) and derived from the experiment
 seed: comparisons are reproducible, but whoever knows the seed knows the cohorts — amplification by
-sampling assumes they are secret (see the README's Privacy section).
+sampling assumes they are secret (see docs/privacy.md).
 """
 
 from __future__ import annotations
