@@ -43,6 +43,7 @@ from rich.table import Table
 from torch.distributed.algorithms.ddp_comm_hooks.powerSGD_hook import _orthogonalize as hook_orthogonalize
 
 from fedpower.codecs import build_codec, layout_nbytes, layout_of, pack
+from fedpower.codecs.factory import as_compression
 from fedpower.codecs.lowrank import compressible
 
 console = Console()
@@ -264,7 +265,7 @@ def svd_tails(update: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def svd_optimum(update: Mapping[str, torch.Tensor], tails: Mapping[str, torch.Tensor], setting: Setting) -> float:
     """Relative error of per-matrix rank-r truncation on the tensors the codec compresses (rest exact)."""
-    rate = float(setting.compression.get("min_compression_rate", 2.0))
+    rate = as_compression(setting.compression).min_compression_rate
     dims = compressible(layout_of(update), int(setting.rank), rate)
     num = sum(float(tails[name][r]) for name, (_, _, r) in dims.items())
     den = sum(float(t.double().pow(2).sum()) for t in update.values())

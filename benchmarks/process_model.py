@@ -38,28 +38,30 @@ after_torch = time.perf_counter()
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 import clients.flower_app as flower_app
-from fedpower.codecs import init_basis, layout_of, pack
+from fedpower.codecs import layout_of
 from fedpower.experiment import experiment_data, experiment_model
+from fedpower.server_state import init_server_state, packed_basis, plan_round
 after_imports = time.perf_counter()
 
 run_config = {"config": "configs/deployment.yaml", "overrides": ""}
 context = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
                   run_config=run_config)
 experiment = flower_app.node_experiment(context)
-name = experiment["strategies"][0]["name"]
-compression = experiment["strategies"][0]["compression"]
+settings = experiment.resolved()[0]
 dataset = experiment_data(experiment)[0]
 after_data = time.perf_counter()
-params = {k: v.detach() for k, v in experiment_model(experiment, name, dataset).state_dict().items()}
-basis = init_basis(layout_of(params), compression["rank"], compression.get("min_compression_rate", 2.0), seed=0)
+params = {k: v.detach() for k, v in experiment_model(settings, dataset).state_dict().items()}
+state = init_server_state(settings.compression, layout_of(params), settings.seed)
 
 
 def message(server_round):
-    content = RecordDict({
+    content = {
         "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in params.items()}),
-        "config": ConfigRecord({"strategy": name, "server-round": server_round, "side": "left", "basis-id": 0}),
-        "basis": ArrayRecord({"float32": Array(pack(basis, layout_of(basis))["float32"])}),
-    })
+        "config": ConfigRecord(plan_round(state, settings.compression, settings.name, server_round).to_record()),
+    }
+    if state.basis is not None:
+        content["basis"] = ArrayRecord({"float32": Array(packed_basis(state))})
+    content = RecordDict(content)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, server_round
     return Message(content, dst_node_id=1, message_type="train")
 
