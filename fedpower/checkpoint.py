@@ -205,3 +205,42 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
     return value
+
+
+def strategy_state(name: str, params: Mapping[str, torch.Tensor], optimizer: Any, codec_state: Any, privacy: Any,
+                   stop_reason: str | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, JSON-able meta) of one strategy: model, server-optimizer moments, codec state, accountant."""
+    from fedpower.server_state import to_arrays
+
+    arrays, meta = to_arrays(codec_state)
+    arrays.update({f"params/{k}": v.detach().cpu().numpy() for k, v in params.items()})
+    for slot, tensors in optimizer.state.items():
+        arrays.update({f"optimizer/{slot}/{k}": v.detach().cpu().numpy() for k, v in tensors.items()})
+    meta.update(name=name, stop_reason=stop_reason,
+                optimizer_slots={slot: list(tensors) for slot, tensors in optimizer.state.items()})
+    if privacy is not None:
+        meta["privacy"] = privacy.checkpoint()
+    return arrays, meta
+
+
+def restore_strategy_state(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any], *, name: str,
+                           params: Mapping[str, torch.Tensor], optimizer: Any, codec_state: Any,
+                           privacy: Any) -> tuple[dict[str, torch.Tensor], Any, str | None]:
+    """(params, codec state, stop reason) saved by :func:`strategy_state`; fills the optimizer and accountant.
+
+    ValueError when the state belongs to another strategy or model.
+    """
+    from fedpower.server_state import from_arrays
+
+    if meta.get("name") != name:
+        raise ValueError(f"checkpoint state is for strategy {meta.get('name')!r}, not {name!r}")
+    for k, v in params.items():
+        saved = arrays.get(f"params/{k}")
+        if saved is None or tuple(saved.shape) != tuple(v.shape):
+            raise ValueError(f"checkpoint has no parameter {k!r} of shape {tuple(v.shape)}")
+    restored = {k: torch.from_numpy(np.array(arrays[f"params/{k}"], dtype=np.float32)) for k in params}
+    optimizer.state = {slot: {k: torch.from_numpy(np.array(arrays[f"optimizer/{slot}/{k}"])) for k in names}
+                       for slot, names in meta.get("optimizer_slots", {}).items()}
+    if privacy is not None and meta.get("privacy") is not None:
+        privacy.restore(meta["privacy"])
+    return restored, from_arrays(arrays, meta, codec_state), meta.get("stop_reason")

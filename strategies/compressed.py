@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedpower.checkpoint import restore_strategy_state, strategy_state
 from fedpower.codecs import layout_of
 from fedpower.config import StrategyConfig
 from fedpower.ledger import Ledger, Transfer
@@ -25,9 +26,7 @@ from fedpower.plan import RoundPlan
 from fedpower.records import tensors_to_arrays
 from fedpower.round import NUM_EXAMPLES, Reply, RoundStats, server_step
 from fedpower.server_opt import ServerOptimizer
-from fedpower.server_state import (
-    ServerCodecState, from_arrays, init_server_state, packed_basis, plan_round, round_codec, sends_basis, to_arrays,
-)
+from fedpower.server_state import ServerCodecState, init_server_state, packed_basis, plan_round, round_codec, sends_basis
 from clients.failures import DELAY_METRIC, is_simulated_dropout
 from strategies.nodes import wait_until_online
 from strategies.wire import array_bytes, wire_bytes
@@ -166,35 +165,16 @@ class CompressedFedAvg(FedAvg):
         started = self._plans.get(server_round, (None, None, None, float("nan")))[3]
         return time.perf_counter() - started
 
-    # -- checkpoint state (fedpower/checkpoint.py writes it; numpy arrays + JSON-able metadata) ---------
+    # -- checkpoint state (fedpower/checkpoint.py writes it) ----------------------------------------
     def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Everything a resumed run needs to continue exactly: model, optimizer, codec state, accountant."""
-        arrays, meta = to_arrays(self.codec_state)
-        arrays.update({f"params/{k}": v.detach().cpu().numpy() for k, v in self.params.items()})
-        for slot, tensors in self.optimizer.state.items():
-            arrays.update({f"optimizer/{slot}/{k}": v.detach().cpu().numpy() for k, v in tensors.items()})
-        meta.update(name=self.name, stop_reason=self.stop_reason,
-                    optimizer_slots={slot: list(tensors) for slot, tensors in self.optimizer.state.items()})
-        if self.privacy is not None:
-            meta["privacy"] = self.privacy.checkpoint()
-        return arrays, meta
+        return strategy_state(self.name, self.params, self.optimizer, self.codec_state, self.privacy, self.stop_reason)
 
     def load_state(self, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
         """Continue from :meth:`state_dict` output (ValueError if it belongs to another model or strategy)."""
-        if meta.get("name") != self.name:
-            raise ValueError(f"checkpoint state is for strategy {meta.get('name')!r}, not {self.name!r}")
-        for k, v in self.params.items():
-            saved = arrays.get(f"params/{k}")
-            if saved is None or tuple(saved.shape) != tuple(v.shape):
-                raise ValueError(f"checkpoint has no parameter {k!r} of shape {tuple(v.shape)}")
-        self.params = {k: torch.from_numpy(np.array(arrays[f"params/{k}"], dtype=np.float32)) for k in self.params}
-        self.optimizer.state = {
-            slot: {k: torch.from_numpy(np.array(arrays[f"optimizer/{slot}/{k}"])) for k in names}
-            for slot, names in meta.get("optimizer_slots", {}).items()}
-        self.codec_state = from_arrays(arrays, meta, self.codec_state)
-        self.stop_reason = meta.get("stop_reason")
-        if self.privacy is not None and meta.get("privacy") is not None:
-            self.privacy.restore(meta["privacy"])
+        self.params, self.codec_state, self.stop_reason = restore_strategy_state(
+            arrays, meta, name=self.name, params=self.params, optimizer=self.optimizer,
+            codec_state=self.codec_state, privacy=self.privacy)
 
     # -- federated evaluation (optional) --------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
