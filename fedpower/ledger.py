@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Iterable, Literal
 
 Direction = Literal["up", "down"]
+Purpose = Literal["train", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Transfer:
     payload_bytes: int  # Σ nbytes of the arrays carrying model/update content
     wire_bytes: int  # serialized size of the whole message content (protocol overhead included)
     dense_bytes: int  # what the same content costs as dense fp32 arrays
+    purpose: Purpose = "train"  # a training round's message, or federated evaluation's
 
 
 @dataclass
@@ -37,15 +39,18 @@ class Ledger:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(transfer, name)}")
         self.transfers.append(transfer)
 
-    def select(self, direction: Direction | None = None, round: int | None = None) -> Iterable[Transfer]:
-        """Transfers filtered by direction and/or round."""
+    def select(self, direction: Direction | None = None, round: int | None = None,
+               purpose: Purpose | None = None) -> Iterable[Transfer]:
+        """Transfers filtered by direction, round and/or purpose (None: all)."""
         for t in self.transfers:
-            if (direction is None or t.direction == direction) and (round is None or t.round == round):
+            if (direction is None or t.direction == direction) and (round is None or t.round == round) \
+                    and (purpose is None or t.purpose == purpose):
                 yield t
 
-    def total(self, direction: Direction, kind: str = "wire_bytes", round: int | None = None) -> int:
-        """Sum of ``kind`` (payload_bytes | wire_bytes | dense_bytes) over the selected transfers."""
-        return sum(getattr(t, kind) for t in self.select(direction, round))
+    def total(self, direction: Direction, kind: str = "wire_bytes", round: int | None = None,
+              purpose: Purpose | None = None) -> int:
+        """Sum of ``kind`` (payload_bytes | wire_bytes | dense_bytes) over the selected transfers (all purposes)."""
+        return sum(getattr(t, kind) for t in self.select(direction, round, purpose))
 
     def ratio_vs_dense(self, direction: Direction, round: int | None = None) -> float:
         """Dense-fp32 bytes divided by the wire bytes actually sent (≥ 1 means a saving)."""

@@ -46,6 +46,9 @@ class StrategyResult:
             "downlink_bytes_total": self.ledger.total("down"),
             "uplink_payload_bytes_total": self.ledger.total("up", "payload_bytes"),
             "downlink_payload_bytes_total": self.ledger.total("down", "payload_bytes"),
+            # Of the totals above, federated evaluation's messages (model down, metrics up):
+            "downlink_evaluate_bytes_total": self.ledger.total("down", purpose="evaluate"),
+            "uplink_evaluate_bytes_total": self.ledger.total("up", purpose="evaluate"),
             "uplink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("up")),
             "downlink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("down")),
             "epsilon": last.get("epsilon"),

@@ -185,12 +185,21 @@ class CompressedFedAvg(FedAvg):
             return []
         plan = RoundPlan(strategy=self.name, round=server_round)
         record = RecordDict({"arrays": arrays, "config": ConfigRecord(plan.to_record())})
-        return [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE)
-                for node in self.sampler(server_round)]
+        nodes = self.sampler(server_round)
+        wire = wire_bytes(record)  # on the ledger as evaluation traffic: it is downlink the clients pay for
+        for node in nodes:
+            self.ledger.record(Transfer(server_round, self._partition(node), "down", array_bytes(arrays), wire,
+                                        self.dense_bytes, "evaluate"))
+        return [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation metrics."""
         server_round += self.round_offset
+        replies = sorted(replies, key=lambda m: self._partition(m.metadata.src_node_id))
+        for msg in replies:
+            if not msg.has_error():
+                self.ledger.record(Transfer(server_round, self._partition(msg.metadata.src_node_id), "up", 0,
+                                            wire_bytes(msg.content), 0, "evaluate"))
         rows = [m.content["metrics"] for m in replies if not m.has_error() and "metrics" in m.content]
         if not rows:
             return None

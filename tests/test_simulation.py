@@ -175,10 +175,23 @@ def test_malformed_payloads_are_dropped_and_round_goes_on(run: Any) -> None:
 
 def test_start_after_rounds_sends_dense_first(run: Any) -> None:
     """start_after_rounds: round 1 is dense fp32, round 2 compressed."""
-    rounds = run.strategies["warmup"].rounds
-    assert rounds[0]["uplink_bytes"] > 10 * rounds[1]["uplink_bytes"]
-    fedavg_round1 = run.strategies["fedavg"].rounds[0]["uplink_bytes"]
-    assert rounds[0]["uplink_bytes"] == fedavg_round1
+    ledger = run.strategies["warmup"].ledger  # training messages only: warmup also evaluates federatedly
+    assert ledger.total("up", round=1, purpose="train") > 10 * ledger.total("up", round=2, purpose="train")
+    assert ledger.total("up", round=1, purpose="train") == run.strategies["fedavg"].ledger.total("up", round=1)
+
+
+def test_federated_evaluation_messages_are_on_the_ledger(run: Any) -> None:
+    """The model sent to evaluating clients is downlink too: counted per client, in the totals, and separately."""
+    warmup, fedavg = run.strategies["warmup"], run.strategies["fedavg"]
+    model_bytes = next(t.payload_bytes for t in fedavg.ledger.transfers if t.direction == "down")
+    evaluation = [t for t in warmup.ledger.transfers if t.purpose == "evaluate" and t.direction == "down"]
+    assert len(evaluation) == sum(r["clients"] for r in warmup.rounds)  # every sampled client got the model
+    assert all(t.payload_bytes == model_bytes and t.wire_bytes > model_bytes for t in evaluation)
+    final = warmup.final()
+    assert final["downlink_evaluate_bytes_total"] == sum(t.wire_bytes for t in evaluation)
+    assert final["downlink_bytes_total"] == warmup.ledger.total("down", purpose="train") + \
+        final["downlink_evaluate_bytes_total"]
+    assert final["uplink_evaluate_bytes_total"] > 0 and fedavg.final()["downlink_evaluate_bytes_total"] == 0
 
 
 def test_federated_evaluation_reports_client_accuracy(run: Any) -> None:
