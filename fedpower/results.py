@@ -59,6 +59,7 @@ class StrategyResult:
             "dropouts": sum(r.get("dropouts", 0) for r in self.rounds),
             "late_replies": sum(r.get("late", 0) for r in self.rounds),
             "rounds_kept_old_model": sum(1 for r in self.rounds if r.get("kept_old_model")),
+            "replies_discarded_after_commit": sum(r.get("discarded_after_commit", 0) for r in self.rounds),
             "stop_reason": self.stop_reason,
         }
 

@@ -144,6 +144,15 @@ class RoundStats:
     largest_norm_ratio: float = float("nan")  # max over decodable replies of norm / the round's median norm
     kept_reason: Optional[str] = None  # why the round kept the old model (None: the model was updated)
 
+    @property
+    def discarded_after_commit(self) -> int:
+        """Replies whose clients had already saved their new residual but which never reached the model.
+
+        Their error-feedback mass is lost: the client subtracted what it sent from its residual. Rejected
+        and late replies, and every accepted reply of a round that kept the old model.
+        """
+        return self.rejected + self.late + (self.accepted if self.kept_reason is not None else 0)
+
     def reject(self, partition: int, why: str) -> None:
         """Count and log one refused reply."""
         self.rejected += 1

@@ -149,6 +149,7 @@ def _round_row(strategy: CompressedFedAvg, stats: RoundStats, server_round: int,
            "train_loss": stats.train_loss, "clients": stats.sampled, "accepted": stats.accepted,
            "rejected": stats.rejected, "failures": stats.failures, "dropouts": stats.dropouts, "late": stats.late,
            "kept_old_model": stats.kept_reason is not None, "kept_reason": stats.kept_reason,
+           "discarded_after_commit": stats.discarded_after_commit,
            "largest_norm_ratio": stats.largest_norm_ratio}
     if server_round in strategy.federated_metrics:
         row["federated_accuracy"] = strategy.federated_metrics[server_round]["eval_accuracy"]

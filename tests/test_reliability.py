@@ -506,3 +506,15 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"Resuming psgd-shared after round {point.completed_round}" in proc.stdout
     assert _final_metrics(killed) == _final_metrics(whole)
+
+
+def test_replies_discarded_after_commit_are_counted() -> None:
+    """Rejected and late replies, and a kept round's accepted ones, lost the clients' committed residual mass."""
+    from fedpower.round import RoundStats
+
+    assert RoundStats(round=1, accepted=3, rejected=1, late=2).discarded_after_commit == 3
+    assert RoundStats(round=1, accepted=2, rejected=1, kept_reason="too few").discarded_after_commit == 3
+    strategy = _strategy(max_norm_ratio=10.0)
+    updates = [_update(p, scale=10.0 if p == 3 else 0.01) for p in range(5)]
+    strategy.aggregate_train(1, [_reply(strategy, m, updates[NODES[m.metadata.dst_node_id]]) for m in _round(strategy)])
+    assert strategy.finished[-1].discarded_after_commit == 1  # type: ignore[attr-defined]
