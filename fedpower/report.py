@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,13 @@ from typing import Any, Iterable
 
 from rich.table import Table
 
+from fedpower.ledger import Transfer
 from fedpower.results import RunResults
 
 ROUND_COLUMNS = ["strategy", "round", "accuracy", "loss", "train_loss", "uplink_bytes", "downlink_bytes",
                  "cumulative_uplink_bytes", "cumulative_downlink_bytes", "epsilon", "seconds", "clients", "accepted",
-                 "rejected", "failures", "dropouts", "late", "kept_old_model", "kept_reason", "largest_norm_ratio",
+                 "rejected", "failures", "dropouts", "late", "kept_old_model", "kept_reason", "discarded_after_commit",
+                 "largest_norm_ratio",
                  "sim_seconds", "cumulative_sim_seconds"]
 
 
@@ -88,7 +91,7 @@ def write_csv(results: RunResults, out_dir: Path) -> list[Path]:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     ledger_path = out_dir / "ledger.csv"
     with ledger_path.open("w", newline="") as fh:
-        fields = ["strategy", "round", "client", "direction", "payload_bytes", "wire_bytes", "dense_bytes"]
+        fields = ["strategy", *(f.name for f in dataclasses.fields(Transfer))]
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for strategy in results.strategies.values():
