@@ -81,6 +81,11 @@ def test_run_writes_results_and_is_deterministic(tiny: Path, tmp_path: Path) -> 
     with (outs[0] / "metrics.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 4 and {"strategy", "round", "accuracy", "cumulative_uplink_bytes"} <= set(rows[0])
+    with (outs[0] / "ledger.csv").open() as fh:
+        ledger = list(csv.DictReader(fh))
+    assert ledger and {"strategy", "direction", "wire_bytes", "purpose"} <= set(ledger[0])
+    assert sum(int(r["wire_bytes"]) for r in ledger if r["strategy"] == "psgd" and r["direction"] == "up") == \
+        psgd["uplink_bytes_total"]
     for png in ("accuracy_vs_round.png", "accuracy_vs_uplink.png", "bytes_per_round.png"):
         assert (outs[0] / png).stat().st_size > 1000
     assert (outs[0] / "run.log").exists()
