@@ -23,7 +23,7 @@ from fedpower.codecs.packing import entropy_encode
 from fedpower.codecs.powersgd import basis_layout
 from fedpower.experiment import experiment_data, experiment_model, strategy_settings
 from fedpower.records import model_from_arrays
-from fedpower.privacy import ClientPrivacy, noise_generator, private_encode
+from fedpower.privacy import client_privacy, contribution_norm, noise_generator
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
 
 from clients.failures import DELAY_METRIC, dropout_reply, reply_delay
@@ -80,24 +80,6 @@ def save_client_state(store: StateStore, strategy: str, pid: int, server_round: 
     store.save(strategy, pid, server_round, {name: t.detach().cpu().numpy() for name, t in state.items()})
 
 
-def state_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of the error-feedback residual (lets the server check that client state persists)."""
-    total = sum(float(t.double().pow(2).sum()) for k, t in state.items() if k.startswith("residual/"))
-    return total ** 0.5
-
-
-def client_privacy(privacy: Mapping[str, Any], config: Mapping[str, Any]) -> ClientPrivacy:
-    """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the server's)."""
-    clip_norm = float(privacy["clip_norm"])
-    clip_feedback = bool(privacy.get("clip_feedback", True))
-    if privacy["mode"] != "local":
-        return ClientPrivacy(clip_norm=clip_norm, clip_feedback=clip_feedback)
-    sigma = privacy.get("noise_multiplier")
-    if sigma is None:  # calibrated to target_epsilon by the server, which sends it each round
-        sigma = config["dp-noise-multiplier"]
-    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm, clip_feedback=clip_feedback)
-
-
 def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) -> Message:
     """Train locally and reply with the compressed update."""
     config = msg.content["config"]
@@ -131,39 +113,33 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
                                "left" if side == "left" else "right")
         basis = unpack({"float32": msg.content["basis"]["float32"].numpy()}, blayout, device)
     ranks = json.loads(str(config["ranks"])) if "ranks" in config else None  # a byte-budget allocation
-    codec = build_codec(compression, dense=dense, basis=basis, side=side, ranks=ranks)  # type: ignore[arg-type]
+    privacy = settings.get("privacy")
+    dp = client_privacy(privacy, server_sigma=config.get("dp-noise-multiplier"),
+                        noise_generator=noise_generator(privacy.get("noise_seed"), int(experiment["seed"]),
+                                                        server_round, pid)) if privacy else None
+    codec = build_codec(compression, dense=dense, basis=basis, side=side, ranks=ranks,  # type: ignore[arg-type]
+                        privacy=dp)
     fresh = codec.init_state(inputs, device, seed=int(experiment["seed"]) + pid)
     store = make_store(experiment, context)
     # Dense rounds (warm-up before compression starts) neither use nor change the codec state.
     state = fresh if dense else (load_client_state(store, strategy, pid, server_round, fresh, device) or fresh)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    state_norm_in = state_norm(state)
-    privacy = settings.get("privacy")
-    if privacy:
-        dp = client_privacy(privacy, config)
-        noise = (noise_generator(privacy.get("noise_seed"), int(experiment["seed"]), server_round, pid)
-                 if dp.noise_std > 0 else None)
-        encoded, new_state, info = private_encode(codec, update, None if dense else state, dp, generator, noise)
-        if not dense:
-            state = new_state
-            save_client_state(store, strategy, pid, server_round, state)
+    state_norm_in = codec.residual_norm(state)
+    if dense:
+        encoded, _ = codec.encode(update, None, generator)
     else:
-        info = {}
-        if dense:
-            encoded, _ = codec.encode(update, None, generator)
-        else:
-            encoded, state = codec.encode(update, state, generator)
-            save_client_state(store, strategy, pid, server_round, state)
+        encoded, state = codec.encode(update, state, generator)
+        save_client_state(store, strategy, pid, server_round, state)
     packed = pack(encoded, codec.layout(inputs))
     if compression.get("entropy_coding", "none") == "zlib":
         packed = entropy_encode(packed)
     metrics: dict[str, Any] = {"num-examples": int(num_examples), "train_loss": float(loss), "partition-id": pid,
-                               "state_norm_in": state_norm_in, "state_norm_out": state_norm(state)}
+                               "state_norm_in": state_norm_in, "state_norm_out": codec.residual_norm(state)}
     if privacy and privacy["mode"] == "local":
         # The server is not trusted under local DP: send nothing un-noised about the data.
         metrics = {"num-examples": 1, "partition-id": pid}
     elif privacy:
-        metrics["update_norm"] = info["clip_norm_in"]  # to a trusted server only: helps choosing C
+        metrics["update_norm"] = contribution_norm(update)  # to a trusted server only: helps choosing C
     # Echoed so the server can refuse a reply computed for another round or basis; the delay is simulated.
     metrics.update({"server-round": server_round, "basis-id": int(config.get("basis-id", -1)),
                     DELAY_METRIC: reply_delay(train_cfg, int(experiment["seed"]), server_round, pid)})

@@ -29,7 +29,7 @@ from fedpower.codecs.receive import decode_contribution
 from fedpower.codecs.base import Codec, weighted_sum
 from fedpower.records import tensors_to_arrays
 from fedpower.ledger import Ledger, Transfer
-from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, contribution_norm, linear_layout
+from fedpower.privacy import BudgetExceeded, PrivacyPlan, central_aggregate, contribution_norm
 from fedpower.privacy import mean_aggregate
 from fedpower.privacy import noise_generator as make_noise_generator
 from fedpower.server_opt import ServerOptimizer
@@ -396,7 +396,7 @@ class CompressedFedAvg(FedAvg):
         """
         plan = self.privacy
         assert plan is not None
-        layout = linear_layout(codec, self.inputs)
+        layout = codec.linear_layout(self.inputs)
         if plan.mode == "central":
             generator = make_noise_generator(plan.noise_seed, self.seed, server_round)
             reduced, info = central_aggregate(contributions, clip_norm=plan.clip_norm,

@@ -16,11 +16,11 @@ from dp_accounting import pld, rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpower.codecs import Dense, ErrorFeedback, build_codec, init_basis, layout_of
+from fedpower.codecs import ErrorFeedback, SharedPowerSGD, build_codec, init_basis, layout_of
 from fedpower.codecs.base import ArraySpec, Codec
 from fedpower.privacy import (
     Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, clip_contribution, cohort_sampler,
-    contribution_norm, gaussian_noise_like, linear_layout, make_plan, private_encode, split_linear,
+    contribution_norm, gaussian_noise_like, make_plan,
 )
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -43,10 +43,27 @@ def update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {name: scale * torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
 
 
-def codec_for(compression: dict) -> Codec:
-    """The client/server codec of a compression setting (shared mode: a seeded basis)."""
+def codec_for(compression: dict, privacy: ClientPrivacy | None = None) -> Codec:
+    """The client (with ``privacy``) or server codec of a compression setting (shared mode: a seeded basis)."""
     basis = init_basis(INPUTS, 2, 1.0, seed=0) if compression is SHARED else None
-    return build_codec(compression, basis=basis)
+    return build_codec(compression, basis=basis, privacy=privacy)
+
+
+def shared_projection() -> SharedPowerSGD:
+    """The shared-mode projection of ``SHARED`` (the first round's basis)."""
+    return SharedPowerSGD(rank=2, min_compression_rate=1.0, side="left", basis=init_basis(INPUTS, 2, 1.0, seed=0))
+
+
+def linear_space(compression: dict, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where a client clips ``raw``: shared factors, else the dense update."""
+    if compression is SHARED:
+        return shared_projection().encode(raw)[0]
+    return raw
+
+
+def residual_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The error-feedback residual in a codec state (named by tensor)."""
+    return {k[len("residual/"):]: v for k, v in state.items() if k.startswith("residual/")}
 
 
 def server_contribution(codec: Codec, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -210,18 +227,17 @@ def test_one_client_moves_the_aggregate_by_at_most_c_over_cohort(
 ) -> None:
     """Add or remove one client (honest or adversarial): ‖Δ aggregate‖ ≤ C / expected cohort, noise aside."""
     codec = codec_for(CODECS[kind])
-    privacy = ClientPrivacy(clip_norm=clip)
+    client = codec_for(CODECS[kind], ClientPrivacy(clip_norm=clip))
     others = []
     for i in range(3):
-        encoded, _, _ = private_encode(codec, update(seed + i, 5.0), codec.init_state(INPUTS), privacy,
-                                       torch.Generator().manual_seed(i))
+        encoded, _ = client.encode(update(seed + i, 5.0), client.init_state(INPUTS), torch.Generator().manual_seed(i))
         others.append(server_contribution(codec, encoded))
     if adversarial:
         target = server_contribution(codec, _adversarial(codec, seed))
     else:
-        encoded, _, _ = private_encode(codec, update(seed + 99, 50.0), codec.init_state(INPUTS), privacy)
+        encoded, _ = client.encode(update(seed + 99, 50.0), client.init_state(INPUTS))
         target = server_contribution(codec, encoded)
-    layout = linear_layout(codec, INPUTS)
+    layout = codec.linear_layout(INPUTS)
 
     def aggregate(contributions: list) -> dict[str, torch.Tensor]:
         return central_aggregate(contributions, clip_norm=clip, noise_multiplier=0.0, expected_cohort=cohort,
@@ -237,15 +253,16 @@ def test_one_client_moves_the_aggregate_by_at_most_c_over_cohort(
 def test_client_sends_at_most_c_in_the_linear_space() -> None:
     """Honest clients already respect C (up to quantization error) for every codec; EF keeps what was cut."""
     for kind, compression in CODECS.items():
-        codec = codec_for(compression)
+        codec = codec_for(compression, ClientPrivacy(clip_norm=1.0))
         state = codec.init_state(INPUTS)
         raw = update(7, 10.0)
-        encoded, new_state, info = private_encode(codec, raw, state, ClientPrivacy(clip_norm=1.0),
-                                                  torch.Generator().manual_seed(0))
-        assert info["clipped"] == 1.0 and info["clip_norm_in"] > 1.0
+        encoded, new_state = codec.encode(raw, state, torch.Generator().manual_seed(0))
+        clip_norm_in = contribution_norm(linear_space(compression, raw))
+        clipped = float(clip_norm_in > 1.0)
+        assert clipped == 1.0 and clip_norm_in > 1.0
         sent = server_contribution(codec, encoded)
         assert contribution_norm(sent) <= 1.05, kind  # int8 rounding may add a little; the server re-clips
-        residual = {k[len("residual/"):]: v for k, v in new_state.items() if k.startswith("residual/")}
+        residual = residual_of(new_state)
         if kind == "dense":  # method none has no error feedback (nothing is lost but the clipping)
             assert not residual
             continue
@@ -263,7 +280,7 @@ def test_central_noise_has_the_right_scale_and_lives_in_factor_space() -> None:
     assert float(reduced["w"].std()) == pytest.approx(sigma * clip / cohort, rel=0.02)
     assert abs(float(reduced["w"].mean())) < 0.01
     shared = codec_for(SHARED)
-    factor_layout = linear_layout(shared, INPUTS)
+    factor_layout = shared.linear_layout(INPUTS)
     assert sum(s.numel for s in factor_layout.values()) < sum(s.numel for s in INPUTS.values())
     reduced, _ = central_aggregate([], clip_norm=clip, noise_multiplier=sigma, expected_cohort=cohort,
                                    layout=factor_layout, generator=torch.Generator().manual_seed(2))
@@ -273,16 +290,19 @@ def test_central_noise_has_the_right_scale_and_lives_in_factor_space() -> None:
 
 def test_local_noise_scale_and_residual_without_noise() -> None:
     """Local DP: the message carries N(0, (σC)²); the error-feedback residual holds only the clipping loss."""
-    codec = ErrorFeedback(Dense())
+    def local(seed: int) -> Codec:  # dense fp32 with error feedback (method "quantize" at 16 bits is not fp32)
+        privacy = ClientPrivacy(1.0, noise_std=0.7, noise_generator=torch.Generator().manual_seed(seed))
+        return ErrorFeedback(build_codec({"method": "none"}, privacy=privacy))
+
     zeros = {"w": torch.zeros(300, 300)}
     inputs = layout_of(zeros)
-    encoded, state, _ = private_encode(codec, zeros, codec.init_state(inputs), ClientPrivacy(1.0, noise_std=0.7),
-                                       noise_generator=torch.Generator().manual_seed(3))
+    codec = local(3)
+    encoded, state = codec.encode(zeros, codec.init_state(inputs))
     assert float(encoded["w"].std()) == pytest.approx(0.7, rel=0.02)
     assert float(state["residual/w"].abs().max()) == 0.0
     raw = {"w": torch.full((300, 300), 0.1)}  # norm 30 → clipped to 1
-    _, state, _ = private_encode(codec, raw, codec.init_state(inputs), ClientPrivacy(1.0, noise_std=0.7),
-                                 noise_generator=torch.Generator().manual_seed(4))
+    codec = local(4)
+    _, state = codec.encode(raw, codec.init_state(inputs))
     torch.testing.assert_close(state["residual/w"], raw["w"] * (1 - 1 / 30), rtol=1e-4, atol=1e-6)
 
 
@@ -348,13 +368,11 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
     for kind, compression in CODECS.items():
         if kind == "dense":
             continue  # no error feedback at all
-        codec = codec_for(compression)
         raw = update(11, 10.0)  # far above C = 1
-        kept, keep_state, _ = private_encode(codec, raw, codec.init_state(INPUTS), ClientPrivacy(clip_norm=1.0),
-                                             torch.Generator().manual_seed(0))
-        dropped, drop_state, _ = private_encode(codec, raw, codec.init_state(INPUTS),
-                                                ClientPrivacy(clip_norm=1.0, clip_feedback=False),
-                                                torch.Generator().manual_seed(0))
+        keep_codec = codec_for(compression, ClientPrivacy(clip_norm=1.0))
+        kept, keep_state = keep_codec.encode(raw, keep_codec.init_state(INPUTS), torch.Generator().manual_seed(0))
+        drop_codec = codec_for(compression, ClientPrivacy(clip_norm=1.0, clip_feedback=False))
+        dropped, drop_state = drop_codec.encode(raw, drop_codec.init_state(INPUTS), torch.Generator().manual_seed(0))
         for name in kept:  # the message itself does not change
             torch.testing.assert_close(kept[name], dropped[name])
         residual_kept = {k: v for k, v in keep_state.items() if k.startswith("residual/")}
@@ -366,11 +384,10 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
         if kind != "shared":  # dense linear space: only the compression error of a norm-C message remains
             assert norm_dropped <= 1.0 + 1e-3, kind
         # kept − dropped residual is exactly the clipping loss, (1 − C/‖linear‖)·linear, in the dense space
-        split = split_linear(codec.inner)
-        linear = split.project.encode(raw)[0] if split.project is not None else raw
+        linear = linear_space(compression, raw)
         scale = 1.0 - 1.0 / contribution_norm(linear)
         cut = {k: scale * v for k, v in linear.items()}
-        cut_dense = split.project.decode(cut, INPUTS) if split.project is not None else cut
+        cut_dense = shared_projection().decode(cut, INPUTS) if compression is SHARED else cut
         for name in raw:
             torch.testing.assert_close(residual_kept[f"residual/{name}"] - residual_dropped[f"residual/{name}"],
                                        cut_dense[name], rtol=1e-4, atol=1e-4)

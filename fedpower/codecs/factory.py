@@ -1,4 +1,13 @@
-"""Build a codec chain from a strategy's ``compression`` settings (a plain dict, see config.py)."""
+"""Build a codec pipeline from a strategy's ``compression`` settings (a plain dict, see config.py) and DP settings.
+
+Pipelines (``?``: only when configured; DP stages only with ``privacy``)::
+
+    ErrorFeedback( Chain( project?, Clip, GaussianNoise?, top-k?, quantize? ) )
+
+The clip and the noise sit where the server sums (``Codec.reduce``): after shared PowerSGD's
+projection (the factors), and on the dense update otherwise (independent PowerSGD, top-k,
+quantizers). Dense warm-up rounds get no error feedback: they are stateless.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,8 @@ from fedpower.codecs.error_feedback import ErrorFeedback
 from fedpower.codecs.powersgd import PowerSGD, SharedPowerSGD
 from fedpower.codecs.quantize import Quantize
 from fedpower.codecs.topk import TopK
+from fedpower.privacy.client import ClientPrivacy
+from fedpower.privacy.stages import Clip, GaussianNoise
 
 METHODS = ("none", "fp16", "int8", "quantize", "topk", "powersgd")
 
@@ -31,46 +42,72 @@ def _quantizer(compression: Mapping[str, Any]) -> Quantize | None:
                     block_size=int(compression.get("block_size", 128)))
 
 
+def _privacy_stages(privacy: ClientPrivacy, geometry: Codec | None = None) -> list[Codec]:
+    """Clip (measured in ``geometry``'s output, dense by default) and, under local DP, Gaussian noise."""
+    stages: list[Codec] = [Clip(privacy.clip_norm, privacy.clip_feedback, geometry or Dense())]
+    if privacy.noise_std > 0:
+        if privacy.noise_generator is None:
+            raise ValueError("local DP needs a noise generator")
+        stages.append(GaussianNoise(privacy.noise_std, privacy.noise_generator))
+    return stages
+
+
+def _stages(compression: Mapping[str, Any], privacy: ClientPrivacy | None, basis: Mapping[str, torch.Tensor] | None,
+            side: Literal["left", "right"], ranks: Mapping[str, int] | None) -> list[Codec]:
+    """The pipeline's stages, in encoding order, for a compressing (not warm-up) round."""
+    method = compression.get("method", "none")
+    dp = [] if privacy is None else _privacy_stages(privacy)
+    if method == "fp16":
+        return dp + [Quantize(bits=16)]
+    if method == "int8":
+        return dp + [Quantize(bits=8, block_size=int(compression.get("block_size", 128)))]
+    quantizer = _quantizer(compression)
+    tail = [quantizer] if quantizer is not None else []
+    if method == "quantize":
+        if quantizer is None:
+            raise ValueError("method 'quantize' needs quantize_bits")
+        return dp + tail
+    if method == "topk":
+        return dp + [TopK(ratio=float(compression.get("ratio", 0.01)))] + tail
+    if is_shared(compression):
+        if basis is None:
+            raise ValueError("shared PowerSGD needs the round's basis")
+        shared = SharedPowerSGD(rank=int(compression.get("rank", 4)),
+                                min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
+                                side=side, basis=basis)
+        return [shared] + dp + tail  # the factor space is the linear space: clip and noise there
+    powersgd = PowerSGD(rank=int(compression.get("rank", 4)),
+                        power_iterations=int(compression.get("power_iterations", 4)),
+                        min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
+                        deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
+    return dp + [powersgd] + tail
+
+
+def _pipeline(stages: list[Codec]) -> Codec:
+    """One codec from the stages (a single stage is itself)."""
+    return stages[0] if len(stages) == 1 else Chain(*stages)
+
+
 def build_codec(
     compression: Mapping[str, Any] | None, *, dense: bool = False,
     basis: Mapping[str, torch.Tensor] | None = None, side: Literal["left", "right"] = "left",
-    ranks: Mapping[str, int] | None = None,
+    ranks: Mapping[str, int] | None = None, privacy: ClientPrivacy | None = None,
 ) -> Codec:
     """The client/server codec for these settings; ``dense=True`` forces the fp32 warm-up codec.
 
     ``ranks``: per-tensor ranks of independent PowerSGD for this round (a byte-budget allocation).
+    ``privacy``: the client's clip norm, local noise and its generator; the pipeline then clips (and
+    noises) in the linear space, and error feedback never sees the noise. The server may leave it
+    out: the DP stages change values, never the layout, the decoding or the linear space.
     """
     compression = dict(compression or {})
     method = compression.get("method", "none")
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; valid: {', '.join(METHODS)}")
     if dense or method == "none":
-        return Dense()
-    if method == "fp16":
-        core: Codec = Quantize(bits=16)
-    elif method == "int8":
-        core = Quantize(bits=8, block_size=int(compression.get("block_size", 128)))
-    elif method == "quantize":
-        quantizer = _quantizer(compression)
-        if quantizer is None:
-            raise ValueError("method 'quantize' needs quantize_bits")
-        core = quantizer
-    else:
-        if method == "topk":
-            first: Codec = TopK(ratio=float(compression.get("ratio", 0.01)))
-        elif is_shared(compression):
-            if basis is None:
-                raise ValueError("shared PowerSGD needs the round's basis")
-            first = SharedPowerSGD(rank=int(compression.get("rank", 4)),
-                                   min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
-                                   side=side, basis=basis)
-        else:
-            first = PowerSGD(rank=int(compression.get("rank", 4)),
-                             power_iterations=int(compression.get("power_iterations", 4)),
-                             min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
-                             deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
-        quantizer = _quantizer(compression)
-        core = Chain(first, quantizer) if quantizer is not None else first
+        # Warm-up rounds and method "none" send fp32 and keep no state (no error feedback).
+        return Dense() if privacy is None else _pipeline(_privacy_stages(privacy))
+    core = _pipeline(_stages(compression, privacy, basis, side, ranks))
     if compression.get("error_feedback", True):
         return ErrorFeedback(core)
     return core

@@ -372,6 +372,10 @@ class SharedPowerSGD(Codec):
             validate(encoded, layout)
         return weighted_sum(encoded_list, weights)
 
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The factor space: this round's factors plus the dense pass-through tensors (all float32)."""
+        return self.layout(inputs)
+
     def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Dense update: ``P Q̂ᵀ`` ("left") or ``P̂ Qᵀ`` ("right") per tensor, dense tensors as they are."""
         validate(reduced, self.layout(inputs))

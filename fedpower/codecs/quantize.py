@@ -213,6 +213,10 @@ class Quantize(Codec):
                 out[name] = self._dequantize(name, encoded[f"{name}.q"], encoded[f"{name}.scale"], shape)
         return out
 
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """Not defined without the input layout (codes are laid out by shape): clip before quantizing."""
+        raise TypeError("a quantized encoding's norm needs its input layout; decode it, or clip before quantizing")
+
     def _dequantize(self, name: str, packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Reconstruct one float32 array from its codes and scales."""
         grid = _BlockGrid.of(shape, self.block_size)
