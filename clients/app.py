@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fedpower.codecs import build_codec, is_shared, layout_of, pack, unpack
 from fedpower.codecs.packing import entropy_encode
 from fedpower.codecs.powersgd import basis_layout
-from fedpower.experiment import experiment_data, experiment_model, strategy_settings
+from fedpower.experiment import experiment_data, experiment_model, planned_noise_multiplier, strategy_settings
 from fedpower.records import model_from_arrays
 from fedpower.privacy import client_privacy, contribution_norm, noise_generator
 from fedpower.training import evaluate, get_params, pick_device, set_params, train_local
@@ -114,7 +114,8 @@ def handle_train(msg: Message, context: Context, experiment: Mapping[str, Any]) 
         basis = unpack({"float32": msg.content["basis"]["float32"].numpy()}, blayout, device)
     ranks = json.loads(str(config["ranks"])) if "ranks" in config else None  # a byte-budget allocation
     privacy = settings.get("privacy")
-    dp = client_privacy(privacy, server_sigma=config.get("dp-noise-multiplier"),
+    dp = client_privacy(privacy, calibrated=lambda: planned_noise_multiplier(experiment, strategy),
+                        server_sigma=config.get("dp-noise-multiplier"),
                         noise_generator=noise_generator(privacy.get("noise_seed"), int(experiment["seed"]),
                                                         server_round, pid)) if privacy else None
     codec = build_codec(compression, dense=dense, basis=basis, side=side, ranks=ranks,  # type: ignore[arg-type]

@@ -77,6 +77,23 @@ def privacy_plan(experiment: Mapping[str, Any], name: str) -> PrivacyPlan | None
                      cohorts=sample)
 
 
+def planned_noise_multiplier(experiment: Mapping[str, Any], name: str) -> float:
+    """σ of a DP strategy as the server plans it (calibrated to target_epsilon if asked); cached per process.
+
+    A local-DP client calls this so that it never depends on the server for its own noise level.
+    """
+    return _planned_noise_multiplier(json.dumps(experiment, sort_keys=True, default=str), name)
+
+
+@lru_cache(maxsize=8)
+def _planned_noise_multiplier(experiment_key: str, name: str) -> float:
+    """Cached body of :func:`planned_noise_multiplier` (calibration runs the accountant many times)."""
+    plan = privacy_plan(json.loads(experiment_key), name)
+    if plan is None:
+        raise ValueError(f"strategy {name!r} has no privacy settings")
+    return float(plan.noise_multiplier)
+
+
 def _data_key(experiment: Mapping[str, Any]) -> str:
     """Cache key of the data part of an experiment."""
     return json.dumps({"data": experiment["data"], "seed": experiment["seed"]}, sort_keys=True, default=str)

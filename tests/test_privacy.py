@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from fedpower.codecs import ErrorFeedback, SharedPowerSGD, build_codec, init_basis, layout_of
 from fedpower.codecs.base import ArraySpec, Codec
 from fedpower.privacy import (
-    Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, clip_contribution, cohort_sampler,
-    contribution_norm, gaussian_noise_like, make_plan,
+    Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, client_privacy, clip_contribution,
+    cohort_sampler, contribution_norm, gaussian_noise_like, make_plan,
 )
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -391,3 +391,72 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
         for name in raw:
             torch.testing.assert_close(residual_kept[f"residual/{name}"] - residual_dropped[f"residual/{name}"],
                                        cut_dense[name], rtol=1e-4, atol=1e-4)
+
+
+# -- local DP: σ never comes from the (untrusted) server ---------------------------------------------
+LOCAL = {"mode": "local", "clip_norm": 1.0, "noise_multiplier": None, "target_epsilon": 8.0, "delta": DELTA}
+
+
+def test_local_sigma_comes_from_the_client_and_the_server_can_only_raise_it() -> None:
+    """A server sending σ = 0 (or nothing) leaves the client's own σ; a larger σ from the server is taken."""
+    own = lambda: 1.7  # noqa: E731 - the client's own calibration
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=0.0).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=None).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=float("nan")).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=2.5).noise_std == pytest.approx(2.5)
+    fixed = {**LOCAL, "noise_multiplier": 0.9, "clip_norm": 2.0}
+    assert client_privacy(fixed, calibrated=own, server_sigma=0.0).noise_std == pytest.approx(1.8)
+
+    def broken() -> float:
+        raise ImportError("No module named 'dp_accounting'")
+
+    with pytest.raises(RuntimeError, match="cannot calibrate"):  # refuse rather than send unknown noise
+        client_privacy(LOCAL, calibrated=broken, server_sigma=5.0)
+
+
+def test_local_calibration_matches_the_server_plan() -> None:
+    """The client calibrates with the server's own accountant call: the same σ, cached per process."""
+    from fedpower.config import parse_config
+    from fedpower.experiment import planned_noise_multiplier, privacy_plan
+
+    experiment = parse_config({
+        "experiment": "local-dp", "data": {"dataset": "digits", "num_clients": 20},
+        "model": {"name": "mlp"}, "train": {"rounds": 5, "clients_per_round": 4},
+        "strategies": [{"name": "ldp", "privacy": LOCAL}]}).to_dict()
+    plan = privacy_plan(experiment, "ldp")
+    assert plan is not None and plan.calibrated
+    assert planned_noise_multiplier(experiment, "ldp") == plan.noise_multiplier > 0
+    assert planned_noise_multiplier(experiment, "ldp") == plan.noise_multiplier  # cached path
+
+
+def test_hostile_server_sigma_zero_does_not_turn_local_noise_off() -> None:
+    """A whole ClientApp round under local DP with σ calibrated to ε, the server sending σ = 0: the reply is noisy."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.app as client_app
+    from fedpower.codecs import unpack
+    from fedpower.config import load_config
+    from fedpower.experiment import privacy_plan
+
+    experiment = load_config(ROOT / "configs/quickstart.yaml", overrides=[
+        "data.dataset=synthetic", "data.num_clients=4", "train.clients_per_round=2", "train.local_epochs=1",
+        "train.device=cpu", "strategies.fedavg.privacy={mode: local, clip_norm: 1, target_epsilon: 8}"]).to_dict()
+    dataset, *_ = client_app.experiment_data(experiment)
+    model = client_app.experiment_model(experiment, "fedavg", dataset)
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    hostile = ConfigRecord({"strategy": "fedavg", "server-round": 1, "side": "left", "basis-id": -1,
+                            "dp-noise-multiplier": 0.0})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in params.items()}), "config": hostile})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
+    message = Message(content, dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client_app.handle_train(message, context, experiment)
+    assert not reply.has_error(), reply.error
+    packed = {k: v.numpy() for k, v in reply.content["payload"].items()}
+    sent = unpack(packed, layout_of(params))
+    # Clipped to C = 1, the un-noised update would have norm ≤ 1; σ·C noise on ~70k numbers is far larger.
+    sigma = privacy_plan(experiment, "fedavg").noise_multiplier  # what the server plans (and should send)
+    numbers = sum(t.numel() for t in sent.values())
+    assert sigma > 0.1
+    assert contribution_norm(sent) == pytest.approx(sigma * math.sqrt(numbers), rel=0.05)

@@ -10,7 +10,7 @@ from importlib import import_module
 from typing import Any
 
 from fedpower.privacy.aggregate import central_aggregate, clipped_sum, mean_aggregate
-from fedpower.privacy.client import ClientPrivacy, client_privacy
+from fedpower.privacy.client import ClientPrivacy, client_privacy, local_noise_multiplier
 from fedpower.privacy.mechanism import clip_contribution, contribution_norm, gaussian_noise_like, noise_generator
 from fedpower.privacy.sampling import cohort_sampler, fixed_cohort, participation_counts, poisson_cohort
 
@@ -21,7 +21,7 @@ _LAZY = {"Accountant": "accountant", "BudgetExceeded": "accountant", "calibrate_
 __all__ = [
     "Accountant", "BudgetExceeded", "Clip", "ClientPrivacy", "GaussianNoise", "PrivacyPlan", "calibrate_noise", "central_aggregate",
     "client_privacy", "clip_contribution", "clipped_sum", "cohort_sampler", "contribution_norm", "fixed_cohort",
-    "gaussian_noise_like", "make_plan", "mean_aggregate", "noise_generator",
+    "gaussian_noise_like", "local_noise_multiplier", "make_plan", "mean_aggregate", "noise_generator",
     "participation_counts", "poisson_cohort",
 ]
 

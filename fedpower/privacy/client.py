@@ -1,13 +1,19 @@
-"""What a client applies to its own contribution: clip norm, local noise σ·C and its generator.
+"""What a client applies to its own contribution: clip norm, local noise σ·C, and where σ comes from.
 
 The mechanism itself lives in the codec pipeline (:mod:`fedpower.privacy.stages`, assembled by
 :func:`fedpower.codecs.build_codec`); this module only resolves the settings a client needs for it.
+
+Under local DP the server is not trusted, so the noise multiplier cannot come from it: the client
+takes ``noise_multiplier`` from its own copy of the experiment, or calibrates it to
+``target_epsilon`` itself with the same accountant call the server makes. A value the server sends
+can only raise σ (e.g. a server that re-planned more rounds), never lower it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -29,15 +35,35 @@ class ClientPrivacy:
         return self.noise_std == 0
 
 
-def client_privacy(privacy: Mapping[str, Any], *, server_sigma: Any = None,
+def local_noise_multiplier(privacy: Mapping[str, Any], calibrated: Callable[[], float],
+                           server_sigma: Any = None) -> float:
+    """σ of local DP from the client's own settings; the server's ``server_sigma`` may only raise it.
+
+    ``calibrated`` computes σ for ``target_epsilon`` (called only when ``noise_multiplier`` is not
+    set); if it fails the client refuses to train rather than send a message with unknown noise.
+    """
+    own = privacy.get("noise_multiplier")
+    if own is None:
+        try:
+            own = calibrated()
+        except Exception as error:  # e.g. dp-accounting missing on an edge device: refuse, never guess
+            raise RuntimeError(f"local DP: cannot calibrate the noise multiplier on this client ({error}); "
+                               "set privacy.noise_multiplier explicitly") from error
+    sigma = float(own)
+    if not sigma >= 0 or not math.isfinite(sigma):
+        raise RuntimeError(f"local DP: invalid noise multiplier {sigma}")
+    if isinstance(server_sigma, (int, float)) and not isinstance(server_sigma, bool) and math.isfinite(server_sigma):
+        sigma = max(sigma, float(server_sigma))
+    return sigma
+
+
+def client_privacy(privacy: Mapping[str, Any], *, calibrated: Callable[[], float], server_sigma: Any = None,
                    noise_generator: torch.Generator | None = None) -> ClientPrivacy:
-    """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the server's)."""
+    """What this client applies: clip to C; under local DP also noise σ·C with σ from its own config."""
     clip_norm = float(privacy["clip_norm"])
     clip_feedback = bool(privacy.get("clip_feedback", True))
     if privacy["mode"] != "local":
         return ClientPrivacy(clip_norm=clip_norm, clip_feedback=clip_feedback)
-    sigma = privacy.get("noise_multiplier")
-    if sigma is None:  # calibrated to target_epsilon by the server, which sends it each round
-        sigma = server_sigma
-    return ClientPrivacy(clip_norm=clip_norm, noise_std=float(sigma) * clip_norm, clip_feedback=clip_feedback,
+    sigma = local_noise_multiplier(privacy, calibrated, server_sigma)
+    return ClientPrivacy(clip_norm=clip_norm, noise_std=sigma * clip_norm, clip_feedback=clip_feedback,
                          noise_generator=noise_generator)
