@@ -106,3 +106,52 @@ def test_clip_is_a_stage_like_any_other() -> None:
     assert all(torch.equal(stage.decode(clipped, INPUTS)[k], clipped[k]) for k in raw)
     with pytest.raises(ValueError):
         Clip(0.0)
+
+
+# -- #18 item 3: the bound holds on the dequantized message, and the residual is against it ------------
+LOW_BIT = {
+    "quantize": {"method": "quantize"},
+    "topk": {"method": "topk", "ratio": 0.3},
+    "powersgd": {"method": "powersgd", "rank": 2, "power_iterations": 2, "min_compression_rate": 1.0},
+    "shared": {"method": "powersgd", "mode": "shared", "rank": 2, "min_compression_rate": 1.0},
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(sorted(LOW_BIT)), bits=st.sampled_from([2, 4, 8]), clip=st.floats(0.1, 5.0),
+       scale=st.sampled_from([0.001, 1.0, 20.0]), seed=st.integers(0, 10_000))
+def test_dequantized_contribution_is_within_c_and_the_residual_is_what_the_server_uses(
+    kind: str, bits: int, clip: float, scale: float, seed: int,
+) -> None:
+    """Central DP, any bits: ‖what the server decodes‖ ≤ C exactly (its re-clip cuts nothing); EF keeps the rest."""
+    compression = {**LOW_BIT[kind], "quantize_bits": bits}
+    basis = init_basis(INPUTS, 2, 1.0, seed=seed) if kind == "shared" else None
+    client = build_codec(compression, basis=basis, privacy=ClientPrivacy(clip))
+    server = build_codec(compression, basis=basis)  # the server builds its codec without privacy settings
+    raw = update(seed, scale)
+    encoded, state = client.encode(raw, client.init_state(INPUTS), torch.Generator().manual_seed(seed))
+    contribution = server.reduce([encoded], [1.0], INPUTS)
+    norm = contribution_norm(contribution)
+    assert norm <= clip, (kind, bits, norm / clip)
+    used = server_view(server, encoded, clip)  # the server's re-clip leaves it as it is
+    for name in used:
+        torch.testing.assert_close(used[name], contribution[name], rtol=0, atol=0)
+    if kind == "quantize" and contribution_norm(raw) > 1.5 * clip:
+        assert norm >= 0.97 * clip, (bits, norm / clip)  # clipped clients use (nearly) all of C
+    decoded = server.expand(contribution, INPUTS)  # what the server adds to the model, per unit weight
+    residual = residual_of(state)
+    for name in raw:
+        torch.testing.assert_close(residual[name] + decoded[name], raw[name], rtol=1e-4, atol=1e-5 * max(1.0, scale))
+
+
+def test_int2_message_would_exceed_c_without_the_bound() -> None:
+    """Why the bound is needed: int2 rounding of a clipped update decodes ≈1.4–1.5× C."""
+    raw = update(3, 10.0)
+    clip = 1.0
+    quantizer = Quantize(bits=2)
+    clipped = Clip(clip).encode(raw)[0]
+    encoded, _ = quantizer.encode(clipped, None, torch.Generator().manual_seed(0))
+    assert contribution_norm(quantizer.decode(encoded, INPUTS)) > 1.3 * clip
+    codec = build_codec({"method": "quantize", "quantize_bits": 2}, privacy=ClientPrivacy(clip))
+    bounded, _ = codec.encode(raw, codec.init_state(INPUTS), torch.Generator().manual_seed(0))
+    assert 0.99 * clip <= contribution_norm(codec.decode(bounded, INPUTS)) <= clip

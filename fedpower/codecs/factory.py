@@ -2,11 +2,13 @@
 
 Pipelines (``?``: only when configured; DP stages only with ``privacy``)::
 
-    ErrorFeedback( Chain( project?, Clip, GaussianNoise?, top-k?, quantize? ) )
+    ErrorFeedback( NormBound( Chain( project?, Clip, GaussianNoise?, top-k?, quantize? ) ) )
 
 The clip and the noise sit where the server sums (``Codec.reduce``): after shared PowerSGD's
 projection (the factors), and on the dense update otherwise (independent PowerSGD, top-k,
-quantizers). Dense warm-up rounds get no error feedback: they are stateless.
+quantizers). ``NormBound`` (central DP) shrinks a message whose quantized form decodes beyond C,
+so the server's re-clip cuts nothing and the residual is taken against what the server will use.
+Dense warm-up rounds get no error feedback: they are stateless.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from fedpower.codecs.powersgd import PowerSGD, SharedPowerSGD
 from fedpower.codecs.quantize import Quantize
 from fedpower.codecs.topk import TopK
 from fedpower.privacy.client import ClientPrivacy
-from fedpower.privacy.stages import Clip, GaussianNoise
+from fedpower.privacy.stages import Clip, GaussianNoise, NormBound
 
 METHODS = ("none", "fp16", "int8", "quantize", "topk", "powersgd")
 
@@ -108,6 +110,8 @@ def build_codec(
         # Warm-up rounds and method "none" send fp32 and keep no state (no error feedback).
         return Dense() if privacy is None else _pipeline(_privacy_stages(privacy))
     core = _pipeline(_stages(compression, privacy, basis, side, ranks))
+    if privacy is not None and privacy.central:
+        core = NormBound(core, privacy.clip_norm)
     if compression.get("error_feedback", True):
         return ErrorFeedback(core)
     return core

@@ -16,10 +16,11 @@ from fedpower.privacy.sampling import cohort_sampler, fixed_cohort, participatio
 
 # The accountant needs dp-accounting; the stages import the codec package (which imports them back).
 _LAZY = {"Accountant": "accountant", "BudgetExceeded": "accountant", "calibrate_noise": "accountant",
-         "PrivacyPlan": "plan", "make_plan": "plan", "Clip": "stages", "GaussianNoise": "stages"}
+         "PrivacyPlan": "plan", "make_plan": "plan", "Clip": "stages", "GaussianNoise": "stages",
+         "NormBound": "stages"}
 
 __all__ = [
-    "Accountant", "BudgetExceeded", "Clip", "ClientPrivacy", "GaussianNoise", "PrivacyPlan", "calibrate_noise", "central_aggregate",
+    "Accountant", "BudgetExceeded", "Clip", "ClientPrivacy", "GaussianNoise", "NormBound", "PrivacyPlan", "calibrate_noise", "central_aggregate",
     "client_privacy", "clip_contribution", "clipped_sum", "cohort_sampler", "contribution_norm", "fixed_cohort",
     "gaussian_noise_like", "local_noise_multiplier", "make_plan", "mean_aggregate", "noise_generator",
     "participation_counts", "poisson_cohort",

@@ -2,7 +2,7 @@
 
 A private pipeline, as :func:`fedpower.codecs.build_codec` assembles it::
 
-    ErrorFeedback(Chain(project?, Clip, GaussianNoise?, quantize/top-k?))
+    ErrorFeedback(NormBound(Chain(project?, Clip, GaussianNoise?, quantize/top-k?)))
 
 - :class:`Clip` bounds its input's L2 norm, measured in the geometry of the stage before it (the
   space the server sums in, ``Codec.reduce``): shared PowerSGD's factors, independent PowerSGD's
@@ -10,6 +10,9 @@ A private pipeline, as :func:`fedpower.codecs.build_codec` assembles it::
 - :class:`GaussianNoise` (local DP) adds N(0, std²) there. Its *trace* carries a noise-free twin, so
   error feedback takes the residual against a noise-free encoding of the same clipped contribution:
   noise fed back would random-walk in the residual.
+- :class:`NormBound` (central DP) makes the decoded contribution, exactly as the server computes
+  it, satisfy the bound after quantization (int2 rounding alone adds ≈50 % norm); the server's
+  re-clip is then a no-op for honest clients, and error feedback sees what the server uses.
 
 A round's message depends on the data and on public outputs only, so the per-round bound, and with
 it the accounting, holds.
@@ -19,13 +22,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, Trace, validate
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, Trace, layout_of, validate
 from fedpower.codecs.dense import Dense
-from fedpower.privacy.mechanism import add, gaussian_noise_like
+from fedpower.privacy.mechanism import add, contribution_norm, gaussian_noise_like
 
 
 def _identity_layout(inputs: Mapping[str, ArraySpec]) -> Layout:
@@ -127,3 +130,112 @@ class GaussianNoise(_ValueStage):
         """Noisy message, noise-free twin: the stages after this one encode both."""
         noisy, _ = self.encode(tensors, state, generator)
         return Trace(noisy, {}, _copies, _copies(tensors if clean is None else clean))
+
+
+#: Accept a bounded message once its norm is within this fraction of C (the budget is nearly all used).
+_BOUND_TOLERANCE = 1e-3
+_BOUND_STEPS = 40
+
+
+@dataclass(frozen=True, eq=False)
+class NormBound(Codec):
+    """``inner``, with every message shrunk until the contribution the server decodes has norm ≤ C.
+
+    Clipping happens before quantization, and stochastic rounding can add norm (int2 ≈ 1.5·C); the
+    server re-clips what it decodes, so without this the excess would be cut there and the
+    residual would never learn it. Shrinking uses ``inner.scale_output`` and is verified by
+    measuring ``inner.reduce`` (the server's own computation), so the bound holds for any codec.
+    """
+
+    inner: Codec  # the pipeline whose decoded contribution is bounded
+    clip_norm: float  # C
+
+    @property
+    def linear_space_is_factors(self) -> bool:  # type: ignore[override]
+        """Same linear space as the wrapped codec."""
+        return self.inner.linear_space_is_factors
+
+    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The wrapped codec's wire layout."""
+        return self.inner.layout(inputs)
+
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The wrapped codec's linear space."""
+        return self.inner.linear_layout(inputs)
+
+    def init_state(self, inputs: Mapping[str, ArraySpec], device: torch.device | str = "cpu", seed: int = 0) -> Tensors:
+        """The wrapped codec's state (under the same names: the bound keeps none of its own)."""
+        return self.inner.init_state(inputs, device, seed)
+
+    def residual_norm(self, state: Mapping[str, torch.Tensor]) -> float:
+        """The wrapped codec's."""
+        return self.inner.residual_norm(state)
+
+    def _norm(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> float:
+        """Norm of the contribution exactly as the server decodes it (``reduce`` of one message)."""
+        return contribution_norm(self.inner.reduce([encoded], [1.0], inputs))
+
+    def bound(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """``encoded``, shrunk as little as possible so that its decoded contribution is within C."""
+        norm = self._norm(encoded, inputs)
+        if norm <= self.clip_norm:
+            return dict(encoded)
+        if not math.isfinite(norm):
+            raise ValueError("the encoded contribution decodes to NaN or Inf")
+        # Search the largest factor that passes: a homogeneous rescaling hits C in one step; others
+        # (e.g. quantized P and Q both shrinking) fall back to bisection. 0 always passes.
+        low, high, best = 0.0, 1.0, None
+        factor = self.clip_norm / norm
+        for _ in range(_BOUND_STEPS):
+            candidate = self.inner.scale_output(encoded, factor)
+            measured = self._norm(candidate, inputs)
+            if measured <= self.clip_norm:
+                low, best = factor, candidate
+                if measured >= self.clip_norm * (1 - _BOUND_TOLERANCE):
+                    break
+            else:
+                high = factor
+            guess = factor * self.clip_norm / measured * (1 - _BOUND_TOLERANCE / 2) if measured > 0 else high
+            factor = guess if low < guess < high else (low + high) / 2
+        return best if best is not None else self.inner.scale_output(encoded, 0.0)
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensors, Tensors]:
+        """Encode with ``inner``, then bound."""
+        traced = self.trace(tensors, state, generator)
+        return traced.encoded, traced.state
+
+    def trace(
+        self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None, clean: Mapping[str, torch.Tensor] | None = None,
+    ) -> Trace:
+        """The wrapped trace with the message (and its twin) bounded; the way back decodes the bounded one."""
+        traced = self.inner.trace(tensors, state, generator, clean)
+        inputs = layout_of(tensors)
+        twin = None if traced.clean is None else self.bound(traced.clean, inputs)
+        return Trace(self.bound(traced.encoded, inputs), traced.state, traced.back, twin, traced.dropped)
+
+    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.decode(encoded, inputs)
+
+    def reduce(
+        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        inputs: Mapping[str, ArraySpec],
+    ) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.reduce(encoded_list, weights, inputs)
+
+    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.expand(reduced, inputs)
+
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """The wrapped codec's."""
+        return self.inner.output_norm(encoded)
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.scale_output(encoded, factor)
