@@ -132,6 +132,17 @@ class GaussianNoise(_ValueStage):
         return Trace(noisy, {}, _copies, _copies(tensors if clean is None else clean))
 
 
+def _power_law_guess(first: tuple[float, float], second: tuple[float, float], target: float) -> float:
+    """The factor where the curve a·factorᵏ through two (factor, norm) points reaches ``target`` (NaN if undefined)."""
+    (f1, n1), (f2, n2) = first, second
+    if min(f1, n1, f2, n2) <= 0 or f1 == f2 or n1 == n2:
+        return math.nan
+    exponent = math.log(n2 / n1) / math.log(f2 / f1)
+    if not exponent > 0:
+        return math.nan
+    return f2 * (target / n2) ** (1 / exponent)
+
+
 #: Accept a bounded message once its norm is within this fraction of C (the budget is nearly all used).
 _BOUND_TOLERANCE = 1e-3
 _BOUND_STEPS = 40
@@ -182,9 +193,11 @@ class NormBound(Codec):
             return dict(encoded)
         if not math.isfinite(norm):
             raise ValueError("the encoded contribution decodes to NaN or Inf")
-        # Search the largest factor that passes: a homogeneous rescaling hits C in one step; others
-        # (e.g. quantized P and Q both shrinking) fall back to bisection. 0 always passes.
+        # Search the largest factor that passes. Model the decoded norm as a·factorᵏ through the last
+        # two measurements: a homogeneous rescaling (k = 1) hits C in one step, quantized P and Q
+        # shrinking together (k ≈ 2, with dense tensors in between) in a few; bisection is the fallback.
         low, high, best = 0.0, 1.0, None
+        previous = (1.0, norm)
         factor = self.clip_norm / norm
         for _ in range(_BOUND_STEPS):
             candidate = self.inner.scale_output(encoded, factor)
@@ -195,7 +208,8 @@ class NormBound(Codec):
                     break
             else:
                 high = factor
-            guess = factor * self.clip_norm / measured * (1 - _BOUND_TOLERANCE / 2) if measured > 0 else high
+            guess = _power_law_guess(previous, (factor, measured), self.clip_norm * (1 - _BOUND_TOLERANCE / 2))
+            previous = (factor, measured)
             factor = guess if low < guess < high else (low + high) / 2
         return best if best is not None else self.inner.scale_output(encoded, 0.0)
 
