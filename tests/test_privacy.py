@@ -16,7 +16,7 @@ from dp_accounting import pld, rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpower.codecs import ErrorFeedback, SharedPowerSGD, build_codec, init_basis, layout_of
+from fedpower.codecs import ErrorFeedback, PowerSGD, SharedPowerSGD, build_codec, init_basis, layout_of
 from fedpower.codecs.base import ArraySpec, Codec
 from fedpower.privacy import (
     Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, client_privacy, clip_contribution,
@@ -55,9 +55,12 @@ def shared_projection() -> SharedPowerSGD:
 
 
 def linear_space(compression: dict, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Where a client clips ``raw``: shared factors, else the dense update."""
+    """Where a client clips ``raw`` under central DP: shared factors, independent ``P Qᵀ``, else the update."""
     if compression is SHARED:
         return shared_projection().encode(raw)[0]
+    if compression["method"] == "powersgd":
+        projection = PowerSGD(rank=2, power_iterations=2, min_compression_rate=1.0)
+        return projection.decode(projection.encode(raw)[0], INPUTS)
     return raw
 
 
@@ -381,7 +384,9 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
         norm_dropped = contribution_norm(residual_dropped)
         assert norm_kept > 5.0, kind  # most of the norm-10 update was cut off and kept
         assert norm_dropped < norm_kept, kind
-        if kind != "shared":  # dense linear space: only the compression error of a norm-C message remains
+        # Dense linear space: only the compression error of a norm-C message remains. PowerSGD clips
+        # after projecting (both modes), so the projection error of the whole update stays too.
+        if kind not in ("shared", "powersgd"):
             assert norm_dropped <= 1.0 + 1e-3, kind
         # kept − dropped residual is exactly the clipping loss, (1 − C/‖linear‖)·linear, in the dense space
         linear = linear_space(compression, raw)

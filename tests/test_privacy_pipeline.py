@@ -155,3 +155,53 @@ def test_int2_message_would_exceed_c_without_the_bound() -> None:
     codec = build_codec({"method": "quantize", "quantize_bits": 2}, privacy=ClientPrivacy(clip))
     bounded, _ = codec.encode(raw, codec.init_state(INPUTS), torch.Generator().manual_seed(0))
     assert 0.99 * clip <= contribution_norm(codec.decode(bounded, INPUTS)) <= clip
+
+
+# -- #18 item 4: independent PowerSGD under central DP clips the projection, not the dense update -------
+def low_rank_update(seed: int, scale: float) -> dict[str, torch.Tensor]:
+    """An update whose matrices are rank 2 plus a little noise (so rank-2 PowerSGD keeps most of it)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in SHAPES.items():
+        if len(shape) == 2:
+            low = torch.randn(shape[0], 2, generator=g) @ torch.randn(2, shape[1], generator=g)
+            out[name] = scale * (low + 0.1 * torch.randn(shape, generator=g))
+        else:
+            out[name] = scale * torch.randn(shape, generator=g)
+    return out
+
+
+@pytest.mark.parametrize("bits", [None, 8, 2])
+@pytest.mark.parametrize("low_rank", [True, False])
+def test_independent_powersgd_uses_the_whole_clip_budget(bits: int | None, low_rank: bool) -> None:
+    """A large update arrives with norm ≈ C (not ≈0.3·C), still ≤ C; the residual is raw − what was decoded."""
+    clip = 1.0
+    compression = {"method": "powersgd", "rank": 2, "power_iterations": 4, "min_compression_rate": 1.0}
+    if bits is not None:
+        compression["quantize_bits"] = bits
+    client = build_codec(compression, privacy=ClientPrivacy(clip))
+    server = build_codec(compression)
+    for seed in range(3):
+        raw = (low_rank_update if low_rank else update)(seed, 10.0)
+        encoded, state = client.encode(raw, client.init_state(INPUTS), torch.Generator().manual_seed(seed))
+        contribution = server.reduce([encoded], [1.0], INPUTS)
+        norm = contribution_norm(contribution)
+        assert 0.99 * clip <= norm <= clip, (seed, norm)
+        residual = residual_of(state)
+        for name in raw:
+            torch.testing.assert_close(residual[name] + contribution[name], raw[name], rtol=1e-4, atol=1e-4)
+
+
+def test_independent_powersgd_clip_feedback_off_drops_exactly_the_cut() -> None:
+    """clip_feedback=False: kept − dropped residual = (1 − C/‖P Qᵀ‖)·P Qᵀ, the clipping loss of the projection."""
+    compression = {"method": "powersgd", "rank": 2, "power_iterations": 2, "min_compression_rate": 1.0}
+    raw = update(9, 10.0)
+    states = []
+    for feedback in (True, False):
+        codec = build_codec(compression, privacy=ClientPrivacy(1.0, clip_feedback=feedback))
+        states.append(residual_of(codec.encode(raw, codec.init_state(INPUTS))[1]))
+    projection = build_codec({**compression, "error_feedback": False})
+    projected = projection.decode(projection.encode(raw, projection.init_state(INPUTS))[0], INPUTS)
+    cut = 1.0 - 1.0 / contribution_norm(projected)
+    for name in raw:
+        torch.testing.assert_close(states[0][name] - states[1][name], cut * projected[name], rtol=1e-4, atol=1e-4)

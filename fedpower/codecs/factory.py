@@ -5,8 +5,10 @@ Pipelines (``?``: only when configured; DP stages only with ``privacy``)::
     ErrorFeedback( NormBound( Chain( project?, Clip, GaussianNoise?, top-k?, quantize? ) ) )
 
 The clip and the noise sit where the server sums (``Codec.reduce``): after shared PowerSGD's
-projection (the factors), and on the dense update otherwise (independent PowerSGD, top-k,
-quantizers). ``NormBound`` (central DP) shrinks a message whose quantized form decodes beyond C,
+projection (the factors), after independent PowerSGD's projection under central DP (``‖P Qᵀ‖ =
+‖Q‖``, so the whole budget carries signal), and on the dense update otherwise. Local DP noises the
+dense update *before* independent PowerSGD projects it, since the client's own P would otherwise
+leave un-noised. ``NormBound`` (central DP) shrinks a message whose quantized form decodes beyond C,
 so the server's re-clip cuts nothing and the residual is taken against what the server will use.
 Dense warm-up rounds get no error feedback: they are stateless.
 """
@@ -82,6 +84,10 @@ def _stages(compression: Mapping[str, Any], privacy: ClientPrivacy | None, basis
                         power_iterations=int(compression.get("power_iterations", 4)),
                         min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
                         deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
+    if privacy is not None and privacy.central:
+        # Clip the projection, not the dense update: ‖P Qᵀ‖ = ‖Q‖ for orthonormal P, so the bound is
+        # the same and all of C carries signal (clipping first left ≈0.3·C after projecting).
+        return [powersgd] + _privacy_stages(privacy, geometry=powersgd) + tail
     return dp + [powersgd] + tail
 
 

@@ -22,7 +22,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, validate, weighted_sum
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, _scaled, validate, weighted_sum
 from fedpower.codecs.lowrank import (
     MatrixDims,
     compressible,
@@ -211,6 +211,28 @@ class PowerSGD(Codec):
         out = _reconstruct(left, right, dims, inputs)
         out.update({name: encoded[name].clone() for name in inputs if name not in dims})
         return _ordered(inputs, out)
+
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """‖decoded‖ without decoding: P is orthonormal, so ‖P Qᵀ‖_F = ‖Q‖_F; dense tensors count as they are.
+
+        A P with a zero column (a degenerate direction) only makes this an upper bound, which is the
+        safe side for clipping.
+        """
+        total = 0.0
+        for name, t in encoded.items():
+            if t.is_floating_point() and not _is_left_factor(name, encoded):
+                total += float(t.detach().double().pow(2).sum())
+        return total ** 0.5
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """Scale Q (not the orthonormal P) and the dense tensors: ``P (cQ)ᵀ = c P Qᵀ`` exactly."""
+        return {name: t.detach().clone() if _is_left_factor(name, encoded) else _scaled(t, factor)
+                for name, t in encoded.items()}
+
+
+def _is_left_factor(name: str, encoded: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``name`` is the orthonormal P of a factor pair (``{tensor}.P`` next to ``{tensor}.Q``)."""
+    return name.endswith(".P") and f"{name[:-2]}.Q" in encoded
 
 
 def basis_layout(inputs: Mapping[str, ArraySpec], rank: int, min_compression_rate: float, side: Side) -> Layout:
