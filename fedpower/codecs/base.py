@@ -178,10 +178,10 @@ class Codec:
 
     def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
         """An encoding that decodes to ``factor`` × what ``encoded`` decodes to (default: scale the float arrays)."""
-        return {name: _scaled(t, factor) for name, t in encoded.items()}
+        return {name: scale_tensor(t, factor) for name, t in encoded.items()}
 
 
-def _scaled(t: torch.Tensor, factor: float) -> torch.Tensor:
+def scale_tensor(t: torch.Tensor, factor: float) -> torch.Tensor:
     """``factor`` × a float tensor, computed in float64 and cast back; other dtypes copied unchanged."""
     if not t.is_floating_point():
         return t.detach().clone()

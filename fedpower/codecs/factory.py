@@ -49,7 +49,7 @@ def _quantizer(compression: Mapping[str, Any]) -> Quantize | None:
 def _privacy_stages(privacy: ClientPrivacy, geometry: Codec | None = None) -> list[Codec]:
     """Clip (measured in ``geometry``'s output, dense by default) and, under local DP, Gaussian noise."""
     stages: list[Codec] = [Clip(privacy.clip_norm, privacy.clip_feedback, geometry or Dense())]
-    if privacy.noise_std > 0:
+    if privacy.adds_noise:
         if privacy.noise_generator is None:
             raise ValueError("local DP needs a noise generator")
         stages.append(GaussianNoise(privacy.noise_std, privacy.noise_generator))
@@ -84,7 +84,7 @@ def _stages(compression: Mapping[str, Any], privacy: ClientPrivacy | None, basis
                         power_iterations=int(compression.get("power_iterations", 4)),
                         min_compression_rate=float(compression.get("min_compression_rate", 2.0)),
                         deflation=bool(compression.get("deflation", False)), ranks=ranks or None)
-    if privacy is not None and privacy.central:
+    if privacy is not None and not privacy.adds_noise:
         # Clip the projection, not the dense update: ‖P Qᵀ‖ = ‖Q‖ for orthonormal P, so the bound is
         # the same and all of C carries signal (clipping first left ≈0.3·C after projecting).
         return [powersgd] + _privacy_stages(privacy, geometry=powersgd) + tail
@@ -116,7 +116,7 @@ def build_codec(
         # Warm-up rounds and method "none" send fp32 and keep no state (no error feedback).
         return Dense() if privacy is None else _pipeline(_privacy_stages(privacy))
     core = _pipeline(_stages(compression, privacy, basis, side, ranks))
-    if privacy is not None and privacy.central:
+    if privacy is not None and not privacy.adds_noise:
         core = NormBound(core, privacy.clip_norm)
     if compression.get("error_feedback", True):
         return ErrorFeedback(core)

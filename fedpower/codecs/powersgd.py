@@ -22,7 +22,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, _scaled, validate, weighted_sum
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, scale_tensor, validate, weighted_sum
 from fedpower.codecs.lowrank import (
     MatrixDims,
     compressible,
@@ -226,7 +226,7 @@ class PowerSGD(Codec):
 
     def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
         """Scale Q (not the orthonormal P) and the dense tensors: ``P (cQ)ᵀ = c P Qᵀ`` exactly."""
-        return {name: t.detach().clone() if _is_left_factor(name, encoded) else _scaled(t, factor)
+        return {name: t.detach().clone() if _is_left_factor(name, encoded) else scale_tensor(t, factor)
                 for name, t in encoded.items()}
 
 

@@ -30,9 +30,9 @@ class ClientPrivacy:
     noise_generator: torch.Generator | None = field(default=None, compare=False)
 
     @property
-    def central(self) -> bool:
-        """Whether the server adds the noise (and re-clips what it decodes)."""
-        return self.noise_std == 0
+    def adds_noise(self) -> bool:
+        """Whether the client noises its own message (local DP); otherwise the server adds the noise."""
+        return self.noise_std > 0
 
 
 def local_noise_multiplier(privacy: Mapping[str, Any], calibrated: Callable[[], float],
