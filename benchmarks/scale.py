@@ -265,7 +265,7 @@ def run_bare(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]:
     from fedpower.codecs import layout_of
     from fedpower.experiment import as_experiment, client_seed, experiment_data, experiment_model
     from fedpower.privacy import cohort_sampler
-    from fedpower.round import NUM_EXAMPLES, TRAIN_LOSS, Reply, client_step, server_step
+    from fedpower.round import NUM_EXAMPLES, TRAIN_LOSS, Reply, client_codec, client_step, server_step
     from fedpower.server_opt import ServerOptimizer
     from fedpower.server_state import init_server_state, plan_round, round_codec, sends_basis
     from fedpower.training import evaluate, get_params, local_update, set_params
@@ -289,14 +289,15 @@ def run_bare(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]:
         evaluate(server_model, x_test, y_test)  # round 0, as the engines do
         for server_round in range(1, settings.train.rounds + 1):
             plan = plan_round(codec_state, settings.compression, settings.name, server_round)
-            codec = round_codec(settings.compression, plan,
-                                codec_state.basis if sends_basis(settings.compression, plan) else None)
+            basis = codec_state.basis if sends_basis(settings.compression, plan) else None
+            codec = round_codec(settings.compression, plan, basis)  # the server's (no client privacy stages)
             replies = []
             for pid in sample(server_round):
                 seed = client_seed(settings.seed, server_round, pid)
                 model = experiment_model(settings, dataset)  # a fresh model per client, as a ClientApp does
                 update, examples, loss = local_update(model, params, x_train, y_train, parts[pid], settings.train, seed)
-                payload, state, metrics = client_step(update, states.get(pid), plan, settings, codec, partition=pid,
+                payload, state, metrics = client_step(update, states.get(pid), plan, settings,
+                                                      client_codec(settings, plan, basis, pid), partition=pid,
                                                       seed=seed)
                 if state:
                     states[pid] = {k: v.numpy() for k, v in state.items()}

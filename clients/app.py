@@ -22,8 +22,8 @@ from fedpower.config import ExperimentConfig, StrategyConfig, TrainConfig
 from fedpower.experiment import as_experiment, client_indices, client_seed, experiment_data, experiment_model
 from fedpower.plan import RoundPlan
 from fedpower.records import model_from_arrays
-from fedpower.round import NUM_EXAMPLES, PARTITION, TRAIN_LOSS, client_step
-from fedpower.server_state import received_basis_layout, round_codec, sends_basis
+from fedpower.round import NUM_EXAMPLES, PARTITION, TRAIN_LOSS, client_codec, client_step
+from fedpower.server_state import received_basis_layout, sends_basis
 from fedpower.training import evaluate, local_update, pick_device, set_params
 
 from clients.failures import DELAY_METRIC, dropout_reply, reply_delay
@@ -83,7 +83,7 @@ def handle_train(msg: Message, context: Context, experiment: ExperimentConfig | 
     train_idx = client_indices(experiment, pid)[0]  # without the federated-evaluation holdout
     update, examples, loss = local_update(experiment_model(settings, dataset).to(device), global_params, x_train,
                                           y_train, train_idx, settings.train, seed)
-    codec = round_codec(settings.compression, plan, _basis(msg, settings, plan, update, device))
+    codec = client_codec(settings, plan, _basis(msg, settings, plan, update, device), pid)
     store = make_store(experiment.client_state, experiment.experiment, context)
     saved = None if plan.dense else store.load(settings.name, pid, before_round=plan.round)
     payload, state, step_metrics = client_step(update, saved, plan, settings, codec, partition=pid, seed=seed)

@@ -62,6 +62,23 @@ def privacy_plan(settings: StrategyConfig) -> PrivacyPlan | None:
     return plan
 
 
+def planned_noise_multiplier(settings: StrategyConfig) -> float:
+    """σ of a DP strategy as the server plans it (calibrated to target_epsilon if asked); cached per process.
+
+    A local-DP client calls this so that it never depends on the server for its own noise level.
+    """
+    return _planned_noise_multiplier(settings.to_json())
+
+
+@lru_cache(maxsize=8)
+def _planned_noise_multiplier(settings_json: str) -> float:
+    """Cached body of :func:`planned_noise_multiplier` (calibration runs the accountant many times)."""
+    plan = privacy_plan(StrategyConfig.from_json(settings_json))
+    if plan is None:
+        raise ValueError("this strategy has no privacy settings")
+    return float(plan.noise_multiplier)
+
+
 def _data_key(experiment: ExperimentConfig) -> str:
     """Cache key of the data part of an experiment."""
     return json.dumps({"data": experiment.data.model_dump(mode="json"), "seed": experiment.seed}, sort_keys=True)

@@ -26,10 +26,10 @@ from fedpower.codecs.packing import entropy_decode, entropy_encode
 from fedpower.codecs.receive import decode_contribution
 from fedpower.config import StrategyConfig
 from fedpower.plan import RoundPlan
-from fedpower.privacy import ClientPrivacy, central_aggregate, contribution_norm, linear_layout, mean_aggregate
-from fedpower.privacy import noise_generator, private_encode
+from fedpower.experiment import planned_noise_multiplier
+from fedpower.privacy import central_aggregate, client_privacy, contribution_norm, mean_aggregate, noise_generator
 from fedpower.server_opt import ServerOptimizer
-from fedpower.server_state import ServerCodecState, advance
+from fedpower.server_state import ServerCodecState, advance, round_codec
 
 log = logging.getLogger("fedpower.round")
 
@@ -41,12 +41,6 @@ STATE_NORM_IN, STATE_NORM_OUT, UPDATE_NORM = "state_norm_in", "state_norm_out", 
 
 
 # -- client ------------------------------------------------------------------------------------
-def state_norm(state: Mapping[str, torch.Tensor]) -> float:
-    """L2 norm of the error-feedback residual (lets the server check that client state persists)."""
-    total = sum(float(t.double().pow(2).sum()) for k, t in state.items() if k.startswith("residual/"))
-    return total ** 0.5
-
-
 def usable_state(saved: Optional[Mapping[str, np.ndarray]], fresh: Mapping[str, torch.Tensor]) -> Optional[Tensors]:
     """``saved`` as tensors like ``fresh`` if its names and shapes fit the codec, else None (start fresh).
 
@@ -68,18 +62,18 @@ def usable_state(saved: Optional[Mapping[str, np.ndarray]], fresh: Mapping[str, 
     return {n: torch.from_numpy(np.asarray(a)).to(device=device, dtype=fresh[n].dtype) for n, a in saved.items()}
 
 
-def client_privacy(settings: StrategyConfig, plan: RoundPlan) -> Optional[ClientPrivacy]:
-    """What this client applies: clip to C; under local DP also noise σ·C (σ from its config, else the plan's)."""
-    privacy = settings.privacy
-    if privacy is None:
-        return None
-    if privacy.mode != "local":
-        return ClientPrivacy(clip_norm=privacy.clip_norm, clip_feedback=privacy.clip_feedback)
-    sigma = privacy.noise_multiplier if privacy.noise_multiplier is not None else plan.noise_multiplier
-    if sigma is None:
-        raise ValueError("local DP with a calibrated σ needs the round's noise multiplier")
-    return ClientPrivacy(clip_norm=privacy.clip_norm, noise_std=float(sigma) * privacy.clip_norm,
-                         clip_feedback=privacy.clip_feedback)
+def client_codec(settings: StrategyConfig, plan: RoundPlan, basis: Optional[Tensors], partition: int) -> Codec:
+    """The codec a client encodes with this round: the round's codec with its privacy stages (clip, local noise).
+
+    Under local DP σ comes from the client's own settings (calibrated locally when only a budget is
+    set); the server's plan may only raise it.
+    """
+    dp = None
+    if settings.privacy is not None:
+        noise = noise_generator(settings.noise_seed, settings.seed, plan.round, partition)
+        dp = client_privacy(settings.privacy, calibrated=lambda: planned_noise_multiplier(settings),
+                            server_sigma=plan.noise_multiplier, noise_generator=noise)
+    return round_codec(settings.compression, plan, basis, privacy=dp)
 
 
 def client_step(
@@ -88,26 +82,21 @@ def client_step(
 ) -> tuple[Payload, Tensors, dict[str, float]]:
     """Encode one client's update for the round: (packed payload, codec state to keep, metrics).
 
-    ``codec`` is the round's codec (:func:`fedpower.server_state.round_codec`); ``saved_state`` the
-    state this client kept from its last round (None: fresh). Dense warm-up rounds neither use nor
-    change the state (the returned state is then empty: keep the saved one).
+    ``codec`` is the client's codec of the round (:func:`client_codec`); ``saved_state`` the state this
+    client kept from its last round (None: fresh). Dense warm-up rounds neither use nor change the
+    state (the returned state is then empty: keep the saved one).
     """
     inputs = layout_of(update)
     device = next(iter(update.values())).device
     fresh = codec.init_state(inputs, device, seed=settings.seed + partition)
     state = fresh if plan.dense else (usable_state(saved_state, fresh) or fresh)
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    metrics = {STATE_NORM_IN: state_norm(state)}
-    dp = client_privacy(settings, plan)
-    if dp is not None:
-        noise = (noise_generator(settings.noise_seed, settings.seed, plan.round, partition)
-                 if dp.noise_std > 0 else None)
-        encoded, new_state, info = private_encode(codec, update, None if plan.dense else state, dp, generator, noise)
-        metrics[UPDATE_NORM] = info["clip_norm_in"]
-    else:
-        encoded, new_state = codec.encode(update, None if plan.dense else state, generator)
+    metrics = {STATE_NORM_IN: codec.residual_norm(state)}
+    if settings.privacy is not None:
+        metrics[UPDATE_NORM] = contribution_norm(update)  # to a trusted server only: helps choosing C
+    encoded, new_state = codec.encode(update, None if plan.dense else state, generator)
     new_state = {} if plan.dense else new_state
-    metrics[STATE_NORM_OUT] = state_norm(new_state) if not plan.dense else metrics[STATE_NORM_IN]
+    metrics[STATE_NORM_OUT] = metrics[STATE_NORM_IN] if plan.dense else codec.residual_norm(new_state)
     packed = pack(encoded, codec.layout(inputs))
     if settings.compression.entropy_coding == "zlib":
         packed = entropy_encode(packed)
@@ -300,7 +289,7 @@ def server_step(
 def _private_reduce(contributions: list[Tensors], codec: Codec, inputs: Mapping[str, ArraySpec], privacy: Any,
                     settings: StrategyConfig, plan: RoundPlan) -> Tensors:
     """DP aggregation in the codec's linear space (an empty cohort releases pure noise under central DP)."""
-    layout = linear_layout(codec, inputs)
+    layout = codec.linear_layout(inputs)
     if privacy.mode != "central":
         return mean_aggregate(contributions, layout)
     generator = noise_generator(privacy.noise_seed, settings.seed, plan.round)

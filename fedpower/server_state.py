@@ -61,9 +61,14 @@ def plan_round(state: ServerCodecState, compression: CompressionConfig, strategy
                      noise_multiplier=noise_multiplier)
 
 
-def round_codec(compression: CompressionConfig, plan: RoundPlan, basis: Optional[Tensors]) -> Codec:
-    """The codec both ends use in the round ``plan`` describes."""
-    return build_codec(compression, dense=plan.dense, basis=basis, side=plan.side, ranks=plan.ranks)
+def round_codec(compression: CompressionConfig, plan: RoundPlan, basis: Optional[Tensors],
+                privacy: Any = None) -> Codec:
+    """The codec of the round ``plan`` describes; ``privacy`` (a client's ClientPrivacy) adds its DP stages.
+
+    The server decodes with the codec without DP stages: they change values, never the layout or the
+    linear space.
+    """
+    return build_codec(compression, dense=plan.dense, basis=basis, side=plan.side, ranks=plan.ranks, privacy=privacy)
 
 
 def sends_basis(compression: CompressionConfig, plan: RoundPlan) -> bool:

@@ -16,11 +16,11 @@ from dp_accounting import pld, rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedpower.codecs import Dense, ErrorFeedback, build_codec, init_basis, layout_of
+from fedpower.codecs import ErrorFeedback, PowerSGD, SharedPowerSGD, build_codec, init_basis, layout_of
 from fedpower.codecs.base import ArraySpec, Codec
 from fedpower.privacy import (
-    Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, clip_contribution, cohort_sampler,
-    contribution_norm, gaussian_noise_like, linear_layout, make_plan, private_encode, split_linear,
+    Accountant, BudgetExceeded, ClientPrivacy, calibrate_noise, central_aggregate, client_privacy, clip_contribution,
+    cohort_sampler, contribution_norm, gaussian_noise_like, make_plan,
 )
 ROOT = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
@@ -43,10 +43,30 @@ def update(seed: int, scale: float = 1.0) -> dict[str, torch.Tensor]:
     return {name: scale * torch.randn(shape, generator=g) for name, shape in SHAPES.items()}
 
 
-def codec_for(compression: dict) -> Codec:
-    """The client/server codec of a compression setting (shared mode: a seeded basis)."""
+def codec_for(compression: dict, privacy: ClientPrivacy | None = None) -> Codec:
+    """The client (with ``privacy``) or server codec of a compression setting (shared mode: a seeded basis)."""
     basis = init_basis(INPUTS, 2, 1.0, seed=0) if compression is SHARED else None
-    return build_codec(compression, basis=basis)
+    return build_codec(compression, basis=basis, privacy=privacy)
+
+
+def shared_projection() -> SharedPowerSGD:
+    """The shared-mode projection of ``SHARED`` (the first round's basis)."""
+    return SharedPowerSGD(rank=2, min_compression_rate=1.0, side="left", basis=init_basis(INPUTS, 2, 1.0, seed=0))
+
+
+def linear_space(compression: dict, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Where a client clips ``raw`` under central DP: shared factors, independent ``P Qᵀ``, else the update."""
+    if compression is SHARED:
+        return shared_projection().encode(raw)[0]
+    if compression["method"] == "powersgd":
+        projection = PowerSGD(rank=2, power_iterations=2, min_compression_rate=1.0)
+        return projection.decode(projection.encode(raw)[0], INPUTS)
+    return raw
+
+
+def residual_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The error-feedback residual in a codec state (named by tensor)."""
+    return {k[len("residual/"):]: v for k, v in state.items() if k.startswith("residual/")}
 
 
 def server_contribution(codec: Codec, encoded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -209,18 +229,17 @@ def test_one_client_moves_the_aggregate_by_at_most_c_over_cohort(
 ) -> None:
     """Add or remove one client (honest or adversarial): ‖Δ aggregate‖ ≤ C / expected cohort, noise aside."""
     codec = codec_for(CODECS[kind])
-    privacy = ClientPrivacy(clip_norm=clip)
+    client = codec_for(CODECS[kind], ClientPrivacy(clip_norm=clip))
     others = []
     for i in range(3):
-        encoded, _, _ = private_encode(codec, update(seed + i, 5.0), codec.init_state(INPUTS), privacy,
-                                       torch.Generator().manual_seed(i))
+        encoded, _ = client.encode(update(seed + i, 5.0), client.init_state(INPUTS), torch.Generator().manual_seed(i))
         others.append(server_contribution(codec, encoded))
     if adversarial:
         target = server_contribution(codec, _adversarial(codec, seed))
     else:
-        encoded, _, _ = private_encode(codec, update(seed + 99, 50.0), codec.init_state(INPUTS), privacy)
+        encoded, _ = client.encode(update(seed + 99, 50.0), client.init_state(INPUTS))
         target = server_contribution(codec, encoded)
-    layout = linear_layout(codec, INPUTS)
+    layout = codec.linear_layout(INPUTS)
 
     def aggregate(contributions: list) -> dict[str, torch.Tensor]:
         return central_aggregate(contributions, clip_norm=clip, noise_multiplier=0.0, expected_cohort=cohort,
@@ -236,15 +255,16 @@ def test_one_client_moves_the_aggregate_by_at_most_c_over_cohort(
 def test_client_sends_at_most_c_in_the_linear_space() -> None:
     """Honest clients already respect C (up to quantization error) for every codec; EF keeps what was cut."""
     for kind, compression in CODECS.items():
-        codec = codec_for(compression)
+        codec = codec_for(compression, ClientPrivacy(clip_norm=1.0))
         state = codec.init_state(INPUTS)
         raw = update(7, 10.0)
-        encoded, new_state, info = private_encode(codec, raw, state, ClientPrivacy(clip_norm=1.0),
-                                                  torch.Generator().manual_seed(0))
-        assert info["clipped"] == 1.0 and info["clip_norm_in"] > 1.0
+        encoded, new_state = codec.encode(raw, state, torch.Generator().manual_seed(0))
+        clip_norm_in = contribution_norm(linear_space(compression, raw))
+        clipped = float(clip_norm_in > 1.0)
+        assert clipped == 1.0 and clip_norm_in > 1.0
         sent = server_contribution(codec, encoded)
         assert contribution_norm(sent) <= 1.05, kind  # int8 rounding may add a little; the server re-clips
-        residual = {k[len("residual/"):]: v for k, v in new_state.items() if k.startswith("residual/")}
+        residual = residual_of(new_state)
         if kind == "dense":  # method none has no error feedback (nothing is lost but the clipping)
             assert not residual
             continue
@@ -262,7 +282,7 @@ def test_central_noise_has_the_right_scale_and_lives_in_factor_space() -> None:
     assert float(reduced["w"].std()) == pytest.approx(sigma * clip / cohort, rel=0.02)
     assert abs(float(reduced["w"].mean())) < 0.01
     shared = codec_for(SHARED)
-    factor_layout = linear_layout(shared, INPUTS)
+    factor_layout = shared.linear_layout(INPUTS)
     assert sum(s.numel for s in factor_layout.values()) < sum(s.numel for s in INPUTS.values())
     reduced, _ = central_aggregate([], clip_norm=clip, noise_multiplier=sigma, expected_cohort=cohort,
                                    layout=factor_layout, generator=torch.Generator().manual_seed(2))
@@ -272,16 +292,19 @@ def test_central_noise_has_the_right_scale_and_lives_in_factor_space() -> None:
 
 def test_local_noise_scale_and_residual_without_noise() -> None:
     """Local DP: the message carries N(0, (σC)²); the error-feedback residual holds only the clipping loss."""
-    codec = ErrorFeedback(Dense())
+    def local(seed: int) -> Codec:  # dense fp32 with error feedback (method "quantize" at 16 bits is not fp32)
+        privacy = ClientPrivacy(1.0, noise_std=0.7, noise_generator=torch.Generator().manual_seed(seed))
+        return ErrorFeedback(build_codec({"method": "none"}, privacy=privacy))
+
     zeros = {"w": torch.zeros(300, 300)}
     inputs = layout_of(zeros)
-    encoded, state, _ = private_encode(codec, zeros, codec.init_state(inputs), ClientPrivacy(1.0, noise_std=0.7),
-                                       noise_generator=torch.Generator().manual_seed(3))
+    codec = local(3)
+    encoded, state = codec.encode(zeros, codec.init_state(inputs))
     assert float(encoded["w"].std()) == pytest.approx(0.7, rel=0.02)
     assert float(state["residual/w"].abs().max()) == 0.0
     raw = {"w": torch.full((300, 300), 0.1)}  # norm 30 → clipped to 1
-    _, state, _ = private_encode(codec, raw, codec.init_state(inputs), ClientPrivacy(1.0, noise_std=0.7),
-                                 noise_generator=torch.Generator().manual_seed(4))
+    codec = local(4)
+    _, state = codec.encode(raw, codec.init_state(inputs))
     torch.testing.assert_close(state["residual/w"], raw["w"] * (1 - 1 / 30), rtol=1e-4, atol=1e-6)
 
 
@@ -347,13 +370,11 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
     for kind, compression in CODECS.items():
         if kind == "dense":
             continue  # no error feedback at all
-        codec = codec_for(compression)
         raw = update(11, 10.0)  # far above C = 1
-        kept, keep_state, _ = private_encode(codec, raw, codec.init_state(INPUTS), ClientPrivacy(clip_norm=1.0),
-                                             torch.Generator().manual_seed(0))
-        dropped, drop_state, _ = private_encode(codec, raw, codec.init_state(INPUTS),
-                                                ClientPrivacy(clip_norm=1.0, clip_feedback=False),
-                                                torch.Generator().manual_seed(0))
+        keep_codec = codec_for(compression, ClientPrivacy(clip_norm=1.0))
+        kept, keep_state = keep_codec.encode(raw, keep_codec.init_state(INPUTS), torch.Generator().manual_seed(0))
+        drop_codec = codec_for(compression, ClientPrivacy(clip_norm=1.0, clip_feedback=False))
+        dropped, drop_state = drop_codec.encode(raw, drop_codec.init_state(INPUTS), torch.Generator().manual_seed(0))
         for name in kept:  # the message itself does not change
             torch.testing.assert_close(kept[name], dropped[name])
         residual_kept = {k: v for k, v in keep_state.items() if k.startswith("residual/")}
@@ -362,14 +383,84 @@ def test_clip_feedback_off_keeps_only_the_compression_error() -> None:
         norm_dropped = contribution_norm(residual_dropped)
         assert norm_kept > 5.0, kind  # most of the norm-10 update was cut off and kept
         assert norm_dropped < norm_kept, kind
-        if kind != "shared":  # dense linear space: only the compression error of a norm-C message remains
+        # Dense linear space: only the compression error of a norm-C message remains. PowerSGD clips
+        # after projecting (both modes), so the projection error of the whole update stays too.
+        if kind not in ("shared", "powersgd"):
             assert norm_dropped <= 1.0 + 1e-3, kind
         # kept − dropped residual is exactly the clipping loss, (1 − C/‖linear‖)·linear, in the dense space
-        split = split_linear(codec.inner)
-        linear = split.project.encode(raw)[0] if split.project is not None else raw
+        linear = linear_space(compression, raw)
         scale = 1.0 - 1.0 / contribution_norm(linear)
         cut = {k: scale * v for k, v in linear.items()}
-        cut_dense = split.project.decode(cut, INPUTS) if split.project is not None else cut
+        cut_dense = shared_projection().decode(cut, INPUTS) if compression is SHARED else cut
         for name in raw:
             torch.testing.assert_close(residual_kept[f"residual/{name}"] - residual_dropped[f"residual/{name}"],
                                        cut_dense[name], rtol=1e-4, atol=1e-4)
+
+
+# -- local DP: σ never comes from the (untrusted) server ---------------------------------------------
+LOCAL = {"mode": "local", "clip_norm": 1.0, "noise_multiplier": None, "target_epsilon": 8.0, "delta": DELTA}
+
+
+def test_local_sigma_comes_from_the_client_and_the_server_can_only_raise_it() -> None:
+    """A server sending σ = 0 (or nothing) leaves the client's own σ; a larger σ from the server is taken."""
+    own = lambda: 1.7  # noqa: E731 - the client's own calibration
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=0.0).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=None).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=float("nan")).noise_std == pytest.approx(1.7)
+    assert client_privacy(LOCAL, calibrated=own, server_sigma=2.5).noise_std == pytest.approx(2.5)
+    fixed = {**LOCAL, "noise_multiplier": 0.9, "clip_norm": 2.0}
+    assert client_privacy(fixed, calibrated=own, server_sigma=0.0).noise_std == pytest.approx(1.8)
+
+    def broken() -> float:
+        raise ImportError("No module named 'dp_accounting'")
+
+    with pytest.raises(RuntimeError, match="cannot calibrate"):  # refuse rather than send unknown noise
+        client_privacy(LOCAL, calibrated=broken, server_sigma=5.0)
+
+
+def test_local_calibration_matches_the_server_plan() -> None:
+    """The client calibrates with the server's own accountant call: the same σ, cached per process."""
+    from fedpower.config import parse_config
+    from fedpower.experiment import planned_noise_multiplier, privacy_plan
+
+    experiment = parse_config({
+        "experiment": "local-dp", "data": {"dataset": "digits", "num_clients": 20},
+        "model": {"name": "mlp"}, "train": {"rounds": 5, "clients_per_round": 4},
+        "strategies": [{"name": "ldp", "privacy": LOCAL}]}).resolve("ldp")
+    plan = privacy_plan(experiment)
+    assert plan is not None and plan.calibrated
+    assert planned_noise_multiplier(experiment) == plan.noise_multiplier > 0
+    assert planned_noise_multiplier(experiment) == plan.noise_multiplier  # cached path
+
+
+def test_hostile_server_sigma_zero_does_not_turn_local_noise_off() -> None:
+    """A whole ClientApp round under local DP with σ calibrated to ε, the server sending σ = 0: the reply is noisy."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.app as client_app
+    from fedpower.codecs import unpack
+    from fedpower.config import load_config
+    from fedpower.experiment import privacy_plan
+
+    experiment = load_config(ROOT / "configs/quickstart.yaml", overrides=[
+        "data.dataset=synthetic", "data.num_clients=4", "train.clients_per_round=2", "train.local_epochs=1",
+        "train.device=cpu", "strategies.fedavg.privacy={mode: local, clip_norm: 1, target_epsilon: 8}"])
+    dataset, *_ = client_app.experiment_data(experiment)
+    model = client_app.experiment_model(experiment.resolve("fedavg"), dataset)
+    params = {k: v.detach() for k, v in model.state_dict().items()}
+    hostile = ConfigRecord({"strategy": "fedavg", "server-round": 1, "side": "left", "basis-id": -1,
+                            "dp-noise-multiplier": 0.0})
+    content = RecordDict({"arrays": ArrayRecord({k: Array(v.numpy()) for k, v in params.items()}), "config": hostile})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
+    message = Message(content, dst_node_id=1, message_type="train")
+    context = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    reply = client_app.handle_train(message, context, experiment)
+    assert not reply.has_error(), reply.error
+    packed = {k: v.numpy() for k, v in reply.content["payload"].items()}
+    sent = unpack(packed, layout_of(params))
+    # Clipped to C = 1, the un-noised update would have norm ≤ 1; σ·C noise on ~70k numbers is far larger.
+    sigma = privacy_plan(experiment.resolve("fedavg")).noise_multiplier  # what the server plans (and should send)
+    numbers = sum(t.numel() for t in sent.values())
+    assert sigma > 0.1
+    assert contribution_norm(sent) == pytest.approx(sigma * math.sqrt(numbers), rel=0.05)

@@ -1,6 +1,8 @@
 """Update compression: codecs with one uniform interface and exact byte accounting."""
 
-from fedpower.codecs.base import ArraySpec, Codec, Payload, PayloadError, Tensors, layout_nbytes, layout_of, payload_nbytes
+from fedpower.codecs.base import (
+    ArraySpec, Codec, Payload, PayloadError, Tensors, Trace, layout_nbytes, layout_of, payload_nbytes,
+)
 from fedpower.codecs.chain import Chain
 from fedpower.codecs.dense import Dense
 from fedpower.codecs.error_feedback import ErrorFeedback
@@ -14,6 +16,6 @@ from fedpower.codecs.topk import TopK
 
 __all__ = [
     "ArraySpec", "Chain", "Codec", "Dense", "ErrorFeedback", "Payload", "PayloadError", "PowerSGD", "Quantize",
-    "SharedPowerSGD", "Tensors", "TopK", "build_codec", "init_basis", "is_shared", "layout_nbytes", "layout_of",
+    "SharedPowerSGD", "Tensors", "TopK", "Trace", "build_codec", "init_basis", "is_shared", "layout_nbytes", "layout_of",
     "next_basis", "pack", "basis_from_memory", "update_basis_memory", "payload_nbytes", "unpack",
 ]

@@ -13,6 +13,12 @@ Shape of the interface (optax-style, state is explicit and returned, never mutat
 - ``reduce(encoded_list, weights, inputs)`` -> the weighted aggregate in the codec's *linear space*
   (dense tensors for most codecs; factors for shared-basis PowerSGD). DP noise is added here.
 - ``expand(reduced, inputs)``  -> dense float32 update from ``reduce``'s output.
+- ``linear_layout(inputs)``    -> the float32 layout of ``reduce``'s output (where central DP adds noise).
+- ``trace(tensors, state, generator, clean)`` -> :class:`Trace`: the encoding plus what error feedback
+  needs to know about it (a noise-free twin, the way back to the input space, what clipping dropped).
+  Stages of a pipeline (``Chain``) compose their traces; ``ErrorFeedback`` is the only consumer.
+- ``output_norm(encoded)`` / ``scale_output(encoded, factor)`` -> the L2 norm of, and a rescaling of,
+  what an encoding decodes to: what clipping in a codec's output space needs.
 
 Decoding validates everything (names, shapes, dtypes, finiteness, index ranges) and raises only
 :class:`PayloadError` on malformed input.
@@ -21,7 +27,7 @@ Decoding validates everything (names, shapes, dtypes, finiteness, index ranges) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +92,27 @@ def validate(encoded: Mapping[str, torch.Tensor], layout: Mapping[str, ArraySpec
             raise PayloadError(f"{name}: contains NaN or Inf")
 
 
+@dataclass(frozen=True)
+class Trace:
+    """One traced encode: what is sent, and what error feedback must count as sent instead.
+
+    ``clean`` is the noise-free twin of ``encoded`` (None: the same arrays, nothing was added).
+    ``back`` maps an encoding in this codec's output space to its input space (a decode).
+    ``dropped`` is mass, in the input space, deliberately not fed back (clipping with feedback off).
+    """
+
+    encoded: Tensors  # the arrays that go on the wire
+    state: Tensors  # the codec's new persistent state
+    back: Callable[[Mapping[str, torch.Tensor]], Tensors]  # output space -> input space
+    clean: Tensors | None = None  # noise-free twin of ``encoded`` (None: identical)
+    dropped: Tensors | None = None  # input-space mass the residual must not keep (None: nothing)
+
+    @property
+    def reference(self) -> Tensors:
+        """The encoding error feedback treats as sent: the noise-free one."""
+        return self.encoded if self.clean is None else self.clean
+
+
 class Codec:
     """Base class: identity-free defaults shared by every codec (stateless, linear reduce)."""
 
@@ -121,6 +148,44 @@ class Codec:
     def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Dense update from the output of ``reduce`` (identity for dense linear spaces)."""
         return dict(reduced)
+
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """Float32 layout of ``reduce``'s output (default: the dense inputs)."""
+        return {name: ArraySpec(tuple(spec.shape), torch.float32) for name, spec in inputs.items()}
+
+    def trace(
+        self, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None, clean: Mapping[str, torch.Tensor] | None = None,
+    ) -> Trace:
+        """Encode ``tensors`` (and, when given, their noise-free twin ``clean``) for error feedback."""
+        encoded, new_state = self.encode(tensors, state, generator)
+        # The twin is encoded from the same state, and its new state dropped: only the sent one counts.
+        clean_encoded = None if clean is None else self.encode(clean, state, generator)[0]
+        inputs = layout_of(tensors)
+        return Trace(encoded, new_state, lambda out: self.decode(out, inputs), clean_encoded)
+
+    def residual_norm(self, state: Mapping[str, torch.Tensor]) -> float:
+        """L2 norm of the error-feedback residual held in ``state`` (0 for codecs that keep none)."""
+        return 0.0
+
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """L2 norm of what ``encoded`` decodes to (default: of its float arrays, for codecs that decode isometrically)."""
+        total = 0.0
+        for t in encoded.values():
+            if t.is_floating_point():
+                total += float(t.detach().double().pow(2).sum())
+        return total ** 0.5
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """An encoding that decodes to ``factor`` × what ``encoded`` decodes to (default: scale the float arrays)."""
+        return {name: scale_tensor(t, factor) for name, t in encoded.items()}
+
+
+def scale_tensor(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``factor`` × a float tensor, computed in float64 and cast back; other dtypes copied unchanged."""
+    if not t.is_floating_point():
+        return t.detach().clone()
+    return (t.detach().double() * factor).to(t.dtype)
 
 
 def weighted_sum(items: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:

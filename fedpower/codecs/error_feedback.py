@@ -2,6 +2,10 @@
 
 ``M = Δ + e``; send ``C(M)``; keep ``e ← M − decode(C(M))``. The residual is explicit state
 (returned, never written into the caller's tensors), so a client can persist it between rounds.
+
+What counts as sent comes from the wrapped codec's :meth:`Codec.trace`: with DP stages inside, it is
+the noise-free twin of the message (noise fed back would random-walk in the residual), and mass a
+clip stage chose to drop (``clip_feedback: false``) is taken out of the residual too.
 """
 
 from __future__ import annotations
@@ -58,11 +62,28 @@ class ErrorFeedback(Codec):
         if not inner_state:
             inner_state = None
         corrected = {n: t + residual[n] if n in residual else t.clone() for n, t in tensors.items()}
-        encoded, new_inner = self.inner.encode(corrected, inner_state, generator)
-        inputs = {n: ArraySpec(tuple(t.shape), t.dtype) for n, t in corrected.items()}
-        decoded = self.inner.decode(encoded, inputs)
-        new_residual = {n: corrected[n] - decoded[n] for n in corrected}
-        return encoded, {**prefixed(new_residual, RESIDUAL), **prefixed(new_inner, INNER)}
+        traced = self.inner.trace(corrected, inner_state, generator)
+        sent = traced.back(traced.reference)
+        new_residual = {n: corrected[n] - sent[n] for n in corrected}
+        if traced.dropped is not None:
+            new_residual = {n: new_residual[n] - traced.dropped[n] for n in new_residual}
+        return traced.encoded, {**prefixed(new_residual, RESIDUAL), **prefixed(traced.state, INNER)}
+
+    def residual_norm(self, state: Mapping[str, torch.Tensor]) -> float:
+        """L2 norm of the residual part of ``state`` (float64 sum)."""
+        return sum(float(t.double().pow(2).sum()) for t in split_state(state, RESIDUAL).values()) ** 0.5
+
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The wrapped codec's linear space."""
+        return self.inner.linear_layout(inputs)
+
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """The wrapped codec's."""
+        return self.inner.output_norm(encoded)
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.scale_output(encoded, factor)
 
     def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Decoding is the wrapped codec's."""

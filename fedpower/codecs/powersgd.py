@@ -22,7 +22,7 @@ from typing import Iterable, Literal, Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, validate, weighted_sum
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, scale_tensor, validate, weighted_sum
 from fedpower.codecs.lowrank import (
     MatrixDims,
     compressible,
@@ -212,6 +212,28 @@ class PowerSGD(Codec):
         out.update({name: encoded[name].clone() for name in inputs if name not in dims})
         return _ordered(inputs, out)
 
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """‖decoded‖ without decoding: P is orthonormal, so ‖P Qᵀ‖_F = ‖Q‖_F; dense tensors count as they are.
+
+        A P with a zero column (a degenerate direction) only makes this an upper bound, which is the
+        safe side for clipping.
+        """
+        total = 0.0
+        for name, t in encoded.items():
+            if t.is_floating_point() and not _is_left_factor(name, encoded):
+                total += float(t.detach().double().pow(2).sum())
+        return total ** 0.5
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """Scale Q (not the orthonormal P) and the dense tensors: ``P (cQ)ᵀ = c P Qᵀ`` exactly."""
+        return {name: t.detach().clone() if _is_left_factor(name, encoded) else scale_tensor(t, factor)
+                for name, t in encoded.items()}
+
+
+def _is_left_factor(name: str, encoded: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``name`` is the orthonormal P of a factor pair (``{tensor}.P`` next to ``{tensor}.Q``)."""
+    return name.endswith(".P") and f"{name[:-2]}.Q" in encoded
+
 
 def basis_layout(inputs: Mapping[str, ArraySpec], rank: int, min_compression_rate: float, side: Side) -> Layout:
     """Specs of the shared basis: Q̂ (m, r') per compressed tensor for "left", P̂ (n, r') for "right"."""
@@ -371,6 +393,10 @@ class SharedPowerSGD(Codec):
         for encoded in encoded_list:
             validate(encoded, layout)
         return weighted_sum(encoded_list, weights)
+
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The factor space: this round's factors plus the dense pass-through tensors (all float32)."""
+        return self.layout(inputs)
 
     def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
         """Dense update: ``P Q̂ᵀ`` ("left") or ``P̂ Qᵀ`` ("right") per tensor, dense tensors as they are."""

@@ -213,6 +213,26 @@ class Quantize(Codec):
                 out[name] = self._dequantize(name, encoded[f"{name}.q"], encoded[f"{name}.scale"], shape)
         return out
 
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """Not defined without the input layout (codes are laid out by shape): clip before quantizing."""
+        raise TypeError("a quantized encoding's norm needs its input layout; decode it, or clip before quantizing")
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """Scale every block's scale (and fp16 values): dequantized values are linear in the scale.
+
+        Scales are rounded to float16 again, so the factor holds up to float16 rounding; callers that
+        need a bound measure the result.
+        """
+        if not 0 <= factor <= 1:
+            raise ValueError(f"scale_output only shrinks (0 <= factor <= 1), got {factor}")
+        out: Tensors = {}
+        for name, t in encoded.items():
+            if t.dtype == torch.float16:  # a block scale, or a value sent as fp16 (bits 16)
+                out[name] = (t.double() * factor).to(torch.float16)
+            else:  # codes, and arrays that passed through unquantized (e.g. int32 top-k indices)
+                out[name] = t.detach().clone()
+        return out
+
     def _dequantize(self, name: str, packed: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         """Reconstruct one float32 array from its codes and scales."""
         grid = _BlockGrid.of(shape, self.block_size)

@@ -10,20 +10,22 @@ from importlib import import_module
 from typing import Any
 
 from fedpower.privacy.aggregate import central_aggregate, clipped_sum, mean_aggregate
-from fedpower.privacy.client import ClientPrivacy, linear_layout, private_encode, split_linear
+from fedpower.privacy.client import ClientPrivacy, client_privacy, local_noise_multiplier
 from fedpower.privacy.mechanism import (
     clip_contribution, contribution_norm, gaussian_noise_like, noise_generator, strategy_noise_seed,
 )
 from fedpower.privacy.sampling import cohort_sampler, fixed_cohort, participation_counts, poisson_cohort
 
+# The accountant needs dp-accounting; the stages import the codec package (which imports them back).
 _LAZY = {"Accountant": "accountant", "BudgetExceeded": "accountant", "calibrate_noise": "accountant",
-         "PrivacyPlan": "plan", "make_plan": "plan"}
+         "PrivacyPlan": "plan", "make_plan": "plan", "Clip": "stages", "GaussianNoise": "stages",
+         "NormBound": "stages"}
 
 __all__ = [
-    "Accountant", "BudgetExceeded", "ClientPrivacy", "PrivacyPlan", "calibrate_noise", "central_aggregate",
-    "clip_contribution", "clipped_sum", "cohort_sampler", "contribution_norm", "fixed_cohort", "gaussian_noise_like",
-    "linear_layout", "make_plan", "mean_aggregate", "noise_generator", "participation_counts", "poisson_cohort",
-    "private_encode", "split_linear", "strategy_noise_seed",
+    "Accountant", "BudgetExceeded", "Clip", "ClientPrivacy", "GaussianNoise", "NormBound", "PrivacyPlan",
+    "calibrate_noise", "central_aggregate", "client_privacy", "clip_contribution", "clipped_sum", "cohort_sampler",
+    "contribution_norm", "fixed_cohort", "gaussian_noise_like", "local_noise_multiplier", "make_plan",
+    "mean_aggregate", "noise_generator", "participation_counts", "poisson_cohort", "strategy_noise_seed",
 ]
 
 

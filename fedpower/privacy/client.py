@@ -1,33 +1,24 @@
-"""Client side of DP: clip (and, for local DP, noise) what a client sends, in the codec's linear space.
+"""What a client applies to its own contribution: clip norm, local noise σ·C, and where σ comes from.
 
-Where the bound is enforced (the space the server sums in, ``Codec.reduce``):
+The mechanism itself lives in the codec pipeline (:mod:`fedpower.privacy.stages`, assembled by
+:func:`fedpower.codecs.build_codec`); this module only resolves the settings a client needs for it.
 
-- shared PowerSGD: the factors (``M Q̂`` or ``Mᵀ P̂``) plus the dense pass-through tensors are clipped
-  *after* projection and *before* quantization. The basis is orthonormal, so the factor norm equals
-  the norm of the dense update it stands for; noise is added there too (r·n coordinates, not n·m).
-- every other codec (dense, fp16/int8, top-k, independent PowerSGD) sums dense tensors: the client
-  clips its dense (error-corrected) update *before* encoding. Top-k and the PowerSGD projection
-  ``P Pᵀ M`` never increase the norm, so the decoded contribution stays within C up to quantization
-  error (which the server removes by re-clipping the dequantized contribution).
-
-Error feedback stays local and consistent with what was really sent:
-``residual = corrected − decode(sent)``. Under local DP the noise is not fed back (it would
-accumulate in the residual as a random walk): the residual is taken against a noise-free encoding
-of the same clipped contribution. Either way a round's message depends on the data and on public
-outputs only, so the per-round bound, and with it the accounting, holds.
+Under local DP the server is not trusted, so the noise multiplier cannot come from it: the client
+takes ``noise_multiplier`` from its own copy of the experiment, or calibrates it to
+``target_epsilon`` itself with the same accountant call the server makes. A value the server sends
+can only raise σ (e.g. a server that re-planned more rounds), never lower it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Tensors, layout_of
-from fedpower.codecs.chain import Chain
-from fedpower.codecs.error_feedback import INNER, RESIDUAL, ErrorFeedback, prefixed, split_state
-from fedpower.privacy.mechanism import add, clip_contribution, gaussian_noise_like
+if TYPE_CHECKING:
+    from fedpower.config import PrivacyConfig
 
 
 @dataclass(frozen=True)
@@ -37,95 +28,52 @@ class ClientPrivacy:
     clip_norm: float  # C: L2 bound on the whole contribution
     noise_std: float = 0.0  # local DP: σ·C added by the client; central DP: 0 (the server adds noise)
     # Feed what clipping cut off back into the residual (True), or only the compression error (False).
-    # Either way each message is within C; False keeps the residual bounded when updates exceed C.
     clip_feedback: bool = True
+    # Stream of the local noise (required when noise_std > 0); kept apart from the quantizer's draws.
+    noise_generator: torch.Generator | None = field(default=None, compare=False)
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether the client noises its own message (local DP); otherwise the server adds the noise."""
+        return self.noise_std > 0
 
 
-@dataclass(frozen=True)
-class LinearSplit:
-    """A codec cut where the server's linear space begins: ``project`` maps to it, ``rest`` encodes it."""
+def _typed(privacy: "PrivacyConfig | Mapping[str, Any]") -> "PrivacyConfig":
+    """The privacy block through the schema (a mapping is validated, a PrivacyConfig taken as is)."""
+    from fedpower.config import PrivacyConfig
 
-    project: Codec | None  # shared PowerSGD's projection, or None when the linear space is dense
-    rest: Codec | None  # what encodes the linear-space values for the wire (quantizer, top-k, ...)
-    chained: bool  # state of ``project``/``rest`` is kept under Chain's "0/" / "1/" prefixes
+    return privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.model_validate(dict(privacy))
 
 
-def split_linear(codec: Codec) -> LinearSplit:
-    """Where ``codec`` (without its error-feedback wrapper) produces the values the server sums."""
-    if codec.linear_space_is_factors:
-        if isinstance(codec, Chain):
-            return LinearSplit(codec.first, codec.second, True)
-        return LinearSplit(codec, None, False)
-    return LinearSplit(None, codec, False)
+def local_noise_multiplier(privacy: "PrivacyConfig | Mapping[str, Any]", calibrated: Callable[[], float],
+                           server_sigma: Any = None) -> float:
+    """σ of local DP from the client's own settings; the server's ``server_sigma`` may only raise it.
 
-
-def linear_layout(codec: Codec, inputs: Mapping[str, ArraySpec]) -> dict[str, ArraySpec]:
-    """Float32 layout of the linear space (what ``reduce`` returns) for these inputs."""
-    inner = codec.inner if isinstance(codec, ErrorFeedback) else codec
-    split = split_linear(inner)
-    if split.project is None:
-        return {name: ArraySpec(tuple(spec.shape), torch.float32) for name, spec in inputs.items()}
-    return {name: ArraySpec(tuple(spec.shape), torch.float32) for name, spec in split.project.layout(inputs).items()}
-
-
-def _encode_linear(
-    split: LinearSplit, values: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None,
-    generator: torch.Generator | None,
-) -> tuple[Tensors, Tensors]:
-    """Encode linear-space ``values`` with ``rest`` (identity when there is none)."""
-    if split.rest is None:
-        return {name: t.clone() for name, t in values.items()}, {}
-    rest_state = (split_state(state or {}, "1/") if split.chained else dict(state or {})) or None
-    return split.rest.encode(values, rest_state, generator)
-
-
-def private_encode(
-    codec: Codec, tensors: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor] | None,
-    privacy: ClientPrivacy, generator: torch.Generator | None = None,
-    noise_generator: torch.Generator | None = None,
-) -> tuple[Tensors, Tensors, dict[str, float]]:
-    """Encode ``tensors`` with clipping (and local noise) in the linear space; returns (encoded, state, info).
-
-    ``codec`` is what ``build_codec`` made (optionally wrapped in ErrorFeedback); ``state=None`` means
-    a stateless round (dense warm-up): no residual is read or written.
+    ``calibrated`` computes σ for ``target_epsilon`` (called only when ``noise_multiplier`` is not
+    set); if it fails the client refuses to train rather than send a message with unknown noise.
     """
-    wrapped = isinstance(codec, ErrorFeedback) and state is not None
-    inner = codec.inner if isinstance(codec, ErrorFeedback) else codec
-    state = dict(state or {})
-    residual = split_state(state, RESIDUAL) if wrapped else {}
-    inner_state = (split_state(state, INNER) if wrapped else state) or None
-    corrected = {n: t + residual[n] if n in residual else t.clone() for n, t in tensors.items()}
-    split = split_linear(inner)
+    own = _typed(privacy).noise_multiplier
+    if own is None:
+        try:
+            own = calibrated()
+        except Exception as error:  # e.g. dp-accounting missing on an edge device: refuse, never guess
+            raise RuntimeError(f"local DP: cannot calibrate the noise multiplier on this client ({error}); "
+                               "set privacy.noise_multiplier explicitly") from error
+    sigma = float(own)
+    if not sigma >= 0 or not math.isfinite(sigma):
+        raise RuntimeError(f"local DP: invalid noise multiplier {sigma}")
+    if isinstance(server_sigma, (int, float)) and not isinstance(server_sigma, bool) and math.isfinite(server_sigma):
+        sigma = max(sigma, float(server_sigma))
+    return sigma
 
-    project_state: Tensors = {}
-    if split.project is not None:
-        own = (split_state(inner_state or {}, "0/") if split.chained else dict(inner_state or {})) or None
-        linear, project_state = split.project.encode(corrected, own, generator)
-    else:
-        linear = corrected
-    clipped, norm = clip_contribution(linear, privacy.clip_norm)
-    sent = clipped
-    if privacy.noise_std > 0:
-        if noise_generator is None:
-            raise ValueError("local DP needs a noise generator")
-        sent = add(clipped, gaussian_noise_like(clipped, privacy.noise_std, noise_generator))
-    encoded, rest_state = _encode_linear(split, sent, inner_state, generator)
-    if split.chained:
-        new_inner = {**prefixed(project_state, "0/"), **prefixed(rest_state, "1/")}
-    else:
-        new_inner = {**project_state, **rest_state}
-    info = {"clip_norm_in": norm, "clipped": float(norm > privacy.clip_norm)}
-    if not wrapped:
-        return encoded, new_inner, info
-    reference = encoded
-    if privacy.noise_std > 0:  # residual against the noise-free message: noise is never fed back
-        reference, _ = _encode_linear(split, clipped, inner_state, generator)
-    inputs = layout_of(corrected)
-    decoded = inner.decode(reference, inputs)
-    new_residual = {n: corrected[n] - decoded[n] for n in corrected}
-    if not privacy.clip_feedback and norm > privacy.clip_norm:
-        # Drop the clipping loss from the residual: the cut mass, mapped back to the dense space.
-        cut = {n: linear[n] - clipped[n] for n in linear}
-        cut_dense = split.project.decode(cut, inputs) if split.project is not None else cut
-        new_residual = {n: new_residual[n] - cut_dense[n] for n in new_residual}
-    return encoded, {**prefixed(new_residual, RESIDUAL), **prefixed(new_inner, INNER)}, info
+
+def client_privacy(privacy: "PrivacyConfig | Mapping[str, Any]", *, calibrated: Callable[[], float], server_sigma: Any = None,
+                   noise_generator: torch.Generator | None = None) -> ClientPrivacy:
+    """What this client applies: clip to C; under local DP also noise σ·C with σ from its own config."""
+    privacy = _typed(privacy)
+    clip_norm, clip_feedback = privacy.clip_norm, privacy.clip_feedback
+    if privacy.mode != "local":
+        return ClientPrivacy(clip_norm=clip_norm, clip_feedback=clip_feedback)
+    sigma = local_noise_multiplier(privacy, calibrated, server_sigma)
+    return ClientPrivacy(clip_norm=clip_norm, noise_std=sigma * clip_norm, clip_feedback=clip_feedback,
+                         noise_generator=noise_generator)
