@@ -3,19 +3,49 @@
 The same handlers as in simulation (:mod:`clients.app`); the experiment comes from the run config's
 YAML (shipped inside the app) and this node's ``--node-config``: ``partition-id`` (required),
 ``num-partitions`` (checked against the experiment), ``data-path`` (this node's data file),
-``device`` (cpu / cuda / mps / auto) and ``state-dir`` (keeps the error-feedback residual and
-warm-start factors on disk, so they survive a SuperNode restart).
+``device`` (cpu / cuda / mps / auto), ``state-dir`` (keeps the error-feedback residual and
+warm-start factors on disk, so they survive a SuperNode restart) and ``threads`` (torch threads;
+default: all cores but one).
+
+A SuperNode starts a fresh process for every message, so everything imported here is paid per
+message: this module imports only the client path (no simulation, report, plotting or CLI code;
+``tests/test_edge.py`` checks it). Each train reply carries where its time went (``t-*`` metrics,
+seconds): message created on the server → handler entered (delivery, process start, imports), the
+imports of this module, config, data, and the training + encoding itself.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
+_IMPORT_START = time.time()  # before torch and fedpower: their import time is part of every message
 
-from clients.app import handle_evaluate, handle_query, handle_train
-from fedpower.app_config import check_partition, experiment_from_run_config
+import os  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import torch  # noqa: E402
+from flwr.app import Context, Message  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from clients.app import handle_evaluate, handle_query, handle_train  # noqa: E402
+from fedpower.app_config import check_partition, experiment_from_run_config  # noqa: E402
+from fedpower.experiment import experiment_data, strategy_settings  # noqa: E402
+
+IMPORT_SECONDS = time.time() - _IMPORT_START
+
+
+def board_threads(node_config: dict[str, Any] | Any) -> int | None:
+    """Torch threads for this node: node-config ``threads``, else $FEDPOWER_THREADS, else cores − 1 (None: keep).
+
+    One core is left to the SuperNode and the OS (on a 4-core Pi: 3). An explicit $OMP_NUM_THREADS is
+    respected as torch already applied it (None).
+    """
+    chosen = str(node_config.get("threads") or "") or os.environ.get("FEDPOWER_THREADS", "")
+    if chosen:
+        return max(1, int(chosen))
+    if os.environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 def node_experiment(context: Context) -> dict[str, Any]:
@@ -25,13 +55,44 @@ def node_experiment(context: Context) -> dict[str, Any]:
     return experiment
 
 
+def _timed(handler: Callable[[Message, Context, dict[str, Any]], Message], msg: Message,
+           context: Context) -> Message:
+    """Run a train handler and add the ``t-*`` timing metrics to its reply (not under local DP)."""
+    entered = time.time()
+    threads = board_threads(context.node_config)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+    experiment = node_experiment(context)
+    configured = time.time()
+    experiment_data(experiment)  # cached per process: the handler below reuses it, so it is timed here
+    loaded = time.time()
+    reply = handler(msg, context, experiment)
+    done = time.time()
+    if reply.has_error() or "metrics" not in reply.content:
+        return reply
+    strategy = str(msg.content["config"].get("strategy", "")) if "config" in msg.content else ""
+    privacy = strategy_settings(experiment, strategy).get("privacy") if strategy else None
+    if privacy and privacy.get("mode") == "local":
+        return reply  # the server is not trusted under local DP: the reply says nothing it need not say
+    metrics = reply.content["metrics"]
+    created = float(msg.metadata.created_at or 0.0)
+    if created > 0:
+        metrics["t-startup-s"] = max(0.0, entered - created)
+    metrics["t-import-s"] = IMPORT_SECONDS
+    metrics["t-config-s"] = configured - entered
+    metrics["t-data-s"] = loaded - configured
+    metrics["t-handler-s"] = done - loaded
+    metrics["t-threads"] = torch.get_num_threads()
+    return reply
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the compressed update."""
-    return handle_train(msg, context, node_experiment(context))
+    return _timed(handle_train, msg, context)
 
 
 @app.evaluate()
