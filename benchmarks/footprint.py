@@ -239,10 +239,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> dict[str, Any]:
+def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0, extra_overrides: str = "") -> dict[str, Any]:
     """Peak RSS of a real SuperNode and its ClientApp processes during ``flwr run`` on 127.0.0.1 (one node).
 
-    The app is the repository's (configs/deployment.yaml cut to one node); memory is sampled every 0.1 s.
+    The app is the repository's (configs/deployment.yaml cut to one node, plus ``extra_overrides`` such as
+    ``model.options.hidden=[256,256]`` for the quickstart MLP); memory is sampled every 0.1 s. The train
+    replies' ``t-*`` metrics (clients/flower_app.py) give where each message's time went on the client.
     """
     bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="fedpower-footprint-"))
@@ -305,6 +307,8 @@ def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> di
         sampler = threading.Thread(target=sample, args=(supernode.pid,), daemon=True)
         sampler.start()
         overrides = f"data.num_clients=1; train.clients_per_round=1; train.rounds={rounds}"
+        if extra_overrides:
+            overrides += "; " + extra_overrides
         run_id = int(json.loads(flwr("run", ".", "footprint", "--format", "json", "--run-config",
                                      f"out-dir='{work / 'results'}' overrides='{overrides}'"))["run-id"])
         deadline = time.monotonic() + timeout
@@ -320,7 +324,10 @@ def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> di
         if status != "finished:completed":
             raise RuntimeError(f"run {run_id} ended as {status}: " + (work / "superlink.log").read_text()[-2000:])
         strategy = json.loads((work / "results" / "results.json").read_text())["strategies"][0]
-        return {"strategy": strategy["name"], "rounds": len(strategy["rounds"]),
+        per_client = json.loads((work / "results" / "client_metrics.json").read_text())[strategy["name"]]
+        timings = {r: {k: v for k, v in rows[0].items() if k.startswith("t-")} for r, rows in per_client.items()}
+        return {"strategy": strategy["name"], "rounds": len(strategy["rounds"]), "overrides": overrides,
+                "client_timings_s": timings,
                 "round_seconds": [r["seconds"] for r in strategy["rounds"]],
                 "uplink_bytes": [r["uplink_bytes"] for r in strategy["rounds"]],
                 "downlink_bytes": [r["downlink_bytes"] for r in strategy["rounds"]],
@@ -346,10 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--deployment", action="store_true",
                         help="instead: SuperLink + SuperNode + `flwr run` on 127.0.0.1, peak RSS of SuperNode/ClientApp")
+    parser.add_argument("--overrides", default="",
+                        help="with --deployment: more run overrides, e.g. 'model.options.hidden=[256,256]'")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model in this process
     args = parser.parse_args(argv)
     if args.deployment:
-        found = measure_deployment(args.rounds, args.threads)
+        found = measure_deployment(args.rounds, args.threads, extra_overrides=args.overrides)
         print(json.dumps(found, indent=2))
         if args.json:
             args.json.write_text(json.dumps(found, indent=2))

@@ -197,6 +197,9 @@ stage_install() {
     in_chroot python -c 'import platform, torch; print(platform.machine(), torch.__version__, torch.get_num_threads())'
     timing "import torch emulated ($QEMU_CPU)" "$((SECONDS - t2)) s"
     timing "install total" "$((SECONDS - t0)) s"
+    # What the board's SD card must hold: the venv, and torch's share of it.
+    timing "venv size ($TORCH_SPEC)" "$(du -sm "$ARM64_ROOT$CHROOT_VENV" | cut -f1) MiB, torch $(du -sm \
+        "$ARM64_ROOT$CHROOT_VENV"/lib/python3*/site-packages/torch | cut -f1) MiB"
     touch "$ARM64_ROOT/.stage-install"
 }
 
@@ -284,6 +287,13 @@ for r in strategy["rounds"]:
     assert r.get("failures", 0) == 0 and r["uplink_bytes"] > 0, r
     replies = clients[str(r["round"])]
     assert [int(c["partition-id"]) for c in replies] == [0], replies
+for r in strategy["rounds"]:  # where each train message's time went on the client (clients/flower_app.py)
+    c = clients[str(r["round"])][0]
+    if "t-handler-s" in c:
+        print(f"round {r['round']}: server round {r['seconds']:.1f} s; client: message -> handler "
+              f"{c.get('t-startup-s', float('nan')):.1f} s (of it torch+fedpower imports {c['t-import-s']:.1f} s), "
+              f"config {c['t-config-s']:.2f} s, data {c['t-data-s']:.2f} s, train+encode {c['t-handler-s']:.2f} s, "
+              f"{int(c['t-threads'])} torch thread(s)")
 print(f"OK {strategy['name']}: {rounds} round(s) aggregated from the emulated aarch64 client; "
       f"uplink {strategy['final']['uplink_bytes_total']} B, downlink {strategy['final']['downlink_bytes_total']} B, "
       f"test accuracy by round {[round(r['accuracy'], 4) for r in strategy['rounds']]}")
