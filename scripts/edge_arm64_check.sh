@@ -15,7 +15,8 @@
 #   clean      delete $ARM64_ROOT
 #
 # Environment: ARM64_ROOT (default /var/tmp/fedpower-arm64; never inside the repository),
-# QEMU_CPU (default cortex-a72), MIRROR (default http://deb.debian.org/debian), TORCH_SPEC (default torch==2.13.0),
+# QEMU_CPU (default cortex-a72), MIRROR (default http://deb.debian.org/debian), TORCH_SPEC (default torch==2.9.1: the
+# newest PyPI torch whose aarch64 wheel is CPU-only and runs on a Pi 4's Cortex-A72; see docs/edge.md),
 # HOST_VENV (default <repo>/.venv: the native SuperLink/ServerApp side, needs the [sim] install of this repo),
 # ROUNDS (default 1), PORT (SuperLink port, default 9180).
 #
@@ -29,7 +30,9 @@ REPO="${FEDPOWER_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 ARM64_ROOT="${ARM64_ROOT:-/var/tmp/fedpower-arm64}"
 QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# 2.9.1, not the newest: PyPI's aarch64 torch >= 2.11 is a CUDA build (4.8 GB venv) and 2.10.0 dies with SIGILL
+# on a Cortex-A72 (measured under QEMU_CPU=cortex-a72, docs/edge.md); 2.9.1 is CPU-only and ran 2 rounds there.
+TORCH_SPEC="${TORCH_SPEC:-torch==2.9.1}"
 HOST_VENV="${HOST_VENV:-$REPO/.venv}"
 ROUNDS="${ROUNDS:-1}"
 PORT="${PORT:-9180}"
@@ -254,6 +257,24 @@ stage_round() {
         > "$WORK/supernode.log" 2>&1 < /dev/null &
     local supernode_pid=$!
     PIDS+=("$supernode_pid")
+    # Peak RSS (VmHWM) of the emulated ClientApp processes, sampled every 0.2 s. Under qemu-user it includes the
+    # emulator's own memory (translation cache), so it is an upper bound of what the process needs on a board.
+    python3 - "$WORK/clientapp-peak-kib" <<'PY' > /dev/null 2>&1 < /dev/null &
+import os, sys, time
+peak = 0
+while True:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"flwr-clientapp" in open(f"/proc/{pid}/cmdline", "rb").read():
+                hwm = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+                if hwm > peak:
+                    peak = hwm
+                    open(sys.argv[1], "w").write(str(peak))
+        except (OSError, StopIteration, ValueError):
+            pass
+    time.sleep(0.2)
+PY
+    PIDS+=($!)
 
     # 3. One run of the app: the deployment experiment (PowerSGD shared r4 int8) cut down to this one node and
     #    generated data (the synthetic data set needs only numpy; the base install has no mnist1d).
@@ -299,6 +320,8 @@ print(f"OK {strategy['name']}: {rounds} round(s) aggregated from the emulated aa
       f"test accuracy by round {[round(r['accuracy'], 4) for r in strategy['rounds']]}")
 PY
     timing "emulated run, $ROUNDS round(s), $QEMU_CPU: SuperNode start -> run finished" "$total_s s"
+    timing "emulated run, $QEMU_CPU: peak RSS of one ClientApp process (qemu included)" \
+        "$(( $(cat "$WORK/clientapp-peak-kib" 2>/dev/null || echo 0) / 1024 )) MiB"
     timing "emulated run, $ROUNDS round(s), $QEMU_CPU: flwr run -> run finished" "$run_s s"
 }
 
