@@ -259,7 +259,7 @@ stage_round() {
     PIDS+=("$supernode_pid")
     # Peak RSS (VmHWM) of the emulated ClientApp processes, sampled every 0.2 s. Under qemu-user it includes the
     # emulator's own memory (translation cache), so it is an upper bound of what the process needs on a board.
-    python3 - "$WORK/clientapp-peak-kib" <<'PY' > /dev/null 2>&1 < /dev/null &
+    python3 - "$WORK/clientapp-peak-kib" > /dev/null 2>&1 <<'PY' &
 import os, sys, time
 peak = 0
 while True:
