@@ -302,7 +302,7 @@ def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0, extra
                 raise RuntimeError("the SuperLink did not start: " + (work / "superlink.log").read_text()[-2000:])
             time.sleep(0.5)
         supernode = start("supernode", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                                        f"127.0.0.1:{port}", "--node-config", "partition-id=0 num-partitions=1",
+                                        f"127.0.0.1:{port}", "--node-config", "partition-id=0 num-partitions=1 timings=1",
                                         "--host", "127.0.0.1", "--port", str(runtime_port)])
         sampler = threading.Thread(target=sample, args=(supernode.pid,), daemon=True)
         sampler.start()

@@ -4,14 +4,14 @@ The same handlers as in simulation (:mod:`clients.app`); the experiment comes fr
 YAML (shipped inside the app) and this node's ``--node-config``: ``partition-id`` (required),
 ``num-partitions`` (checked against the experiment), ``data-path`` (this node's data file),
 ``device`` (cpu / cuda / mps / auto), ``state-dir`` (keeps the error-feedback residual and
-warm-start factors on disk, so they survive a SuperNode restart) and ``threads`` (torch threads;
-default: all cores but one).
+warm-start factors on disk, so they survive a SuperNode restart), ``threads`` (torch threads;
+default: all cores but one) and ``timings`` (1: per-message timing metrics in the train replies).
 
 A SuperNode starts a fresh process for every message, so everything imported here is paid per
 message: this module imports only the client path (no simulation, report, plotting or CLI code;
-``tests/test_edge.py`` checks it). Each train reply carries where its time went (``t-*`` metrics,
-seconds): message created on the server → handler entered (delivery, process start, imports), the
-imports of this module, config, data, and the training + encoding itself.
+``tests/test_edge.py`` checks it). With ``timings=1`` in the node config, each train reply carries where
+its time went (``t-*`` metrics, seconds): message created on the server → handler entered (delivery,
+process start, imports), the imports of this module, config, data, and the training + encoding itself.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 _IMPORT_START = time.time()  # before torch and fedpower: their import time is part of every message
 
 import os  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 from flwr.app import Context, Message  # noqa: E402
@@ -55,23 +55,32 @@ def node_experiment(context: Context) -> dict[str, Any]:
     return experiment
 
 
-def _timed(handler: Callable[[Message, Context, dict[str, Any]], Message], msg: Message,
-           context: Context) -> Message:
-    """Run a train handler and add the ``t-*`` timing metrics to its reply (not under local DP)."""
+def wants_timings(node_config: dict[str, Any] | Any) -> bool:
+    """Whether train replies carry the ``t-*`` metrics: node-config ``timings=1`` or $FEDPOWER_TIMINGS=1.
+
+    Off by default: they add ~140 B to every reply, and the uplink ledger counts every wire byte.
+    """
+    chosen = str(node_config.get("timings") or "") or os.environ.get("FEDPOWER_TIMINGS", "")
+    return chosen.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _train(msg: Message, context: Context) -> Message:
+    """Run the train handler with board-sized threads; with timings on, add the ``t-*`` metrics (not under local DP)."""
     entered = time.time()
     threads = board_threads(context.node_config)
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
     experiment = node_experiment(context)
+    if not wants_timings(context.node_config):
+        return handle_train(msg, context, experiment)
     configured = time.time()
     experiment_data(experiment)  # cached per process: the handler below reuses it, so it is timed here
     loaded = time.time()
-    reply = handler(msg, context, experiment)
+    reply = handle_train(msg, context, experiment)
     done = time.time()
     if reply.has_error() or "metrics" not in reply.content:
         return reply
-    strategy = str(msg.content["config"].get("strategy", "")) if "config" in msg.content else ""
-    privacy = strategy_settings(experiment, strategy).get("privacy") if strategy else None
+    privacy = strategy_settings(experiment, str(msg.content["config"]["strategy"])).get("privacy")
     if privacy and privacy.get("mode") == "local":
         return reply  # the server is not trusted under local DP: the reply says nothing it need not say
     metrics = reply.content["metrics"]
@@ -92,7 +101,7 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train on this node's partition and reply with the compressed update."""
-    return _timed(handle_train, msg, context)
+    return _train(msg, context)
 
 
 @app.evaluate()

@@ -249,11 +249,12 @@ stage_round() {
     PIDS+=($!)
     wait_port "$PORT" 120 || { cat "$WORK/superlink.log"; die "the SuperLink did not start"; }
 
-    # 2. Emulated aarch64 SuperNode from the light install: one partition, its runtime API on 127.0.0.1.
+    # 2. Emulated aarch64 SuperNode from the light install: one partition, its runtime API on 127.0.0.1, the
+    #    per-message timing metrics on (timings=1).
     local t0=$SECONDS
     chroot_argv
     setsid "${CHROOT_CMD[@]}" flower-supernode --insecure --superlink "127.0.0.1:$PORT" \
-        --node-config "partition-id=0 num-partitions=1" --host 127.0.0.1 --port "$((PORT + 1))" \
+        --node-config "partition-id=0 num-partitions=1 timings=1" --host 127.0.0.1 --port "$((PORT + 1))" \
         > "$WORK/supernode.log" 2>&1 < /dev/null &
     local supernode_pid=$!
     PIDS+=("$supernode_pid")
