@@ -45,7 +45,21 @@ def board_threads(node_config: dict[str, Any] | Any) -> int | None:
         return max(1, int(chosen))
     if os.environ.get("OMP_NUM_THREADS"):
         return None
-    return max(1, (os.cpu_count() or 1) - 1)
+    return max(1, usable_cores() - 1)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's or systemd's limit)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def apply_threads(context: Context) -> None:
+    """Size torch's intra-op thread pool for this board before any work (see ``board_threads``)."""
+    threads = board_threads(context.node_config)
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
 
 
 def node_experiment(context: Context) -> dict[str, Any]:
@@ -67,9 +81,7 @@ def wants_timings(node_config: dict[str, Any] | Any) -> bool:
 def _train(msg: Message, context: Context) -> Message:
     """Run the train handler with board-sized threads; with timings on, add the ``t-*`` metrics (not under local DP)."""
     entered = time.time()
-    threads = board_threads(context.node_config)
-    if threads is not None and threads != torch.get_num_threads():
-        torch.set_num_threads(threads)
+    apply_threads(context)
     experiment = node_experiment(context)
     if not wants_timings(context.node_config):
         return handle_train(msg, context, experiment)
@@ -107,6 +119,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this node's partition."""
+    apply_threads(context)
     return handle_evaluate(msg, context, node_experiment(context))
 
 

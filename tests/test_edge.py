@@ -280,13 +280,15 @@ def test_client_path_imports_nothing_heavy(tmp_path: Path, overrides: str, timin
 
 def test_board_threads_leaves_a_core(monkeypatch: pytest.MonkeyPatch) -> None:
     """Torch threads: node config, then $FEDPOWER_THREADS, then an explicit OMP_NUM_THREADS, then cores − 1."""
+    import clients.flower_app as flower_app
     from clients.flower_app import board_threads
 
+    assert flower_app.usable_cores() >= 1
     monkeypatch.delenv("FEDPOWER_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(flower_app, "usable_cores", lambda: 4)
     assert board_threads({}) == 3
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(flower_app, "usable_cores", lambda: 1)
     assert board_threads({}) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert board_threads({}) is None
