@@ -61,7 +61,7 @@ def proc_status_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def experiment_for(model: str, device: str) -> dict[str, Any]:
+def experiment_for(model: str, device: str) -> Any:
     """The model's reference YAML with our strategies instead of its own (data, model, training unchanged)."""
     import yaml
 
@@ -75,7 +75,7 @@ def experiment_for(model: str, device: str) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
         yaml.safe_dump(raw, handle)
     try:
-        return load_config(handle.name).to_dict()
+        return load_config(handle.name)
     finally:
         os.unlink(handle.name)
 
@@ -113,15 +113,16 @@ def measure_model(model_name: str, rounds: int, device: str, partition: int, thr
     from flwr.supercore.task_identity import TaskIdentity
 
     import clients.app as client_app
-    from fedpower.codecs import init_basis, is_shared, layout_of, pack
+    from fedpower.codecs import layout_of
     from fedpower.models import count_parameters
+    from fedpower.server_state import init_server_state, packed_basis, plan_round
     from strategies.wire import array_bytes, wire_bytes
 
     rss_import_kib = proc_status_kib("VmRSS")
     experiment = experiment_for(model_name, device)
     encode_times: list[tuple[float, float]] = []
-    real_build = client_app.build_codec
-    client_app.build_codec = lambda *a, **k: TimedCodec(real_build(*a, **k), encode_times)  # type: ignore[assignment]
+    real_build = client_app.client_codec
+    client_app.client_codec = lambda *a, **k: TimedCodec(real_build(*a, **k), encode_times)  # type: ignore[assignment]
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets per task
 
     dataset, parts, *_ = client_app.experiment_data(experiment)
@@ -129,20 +130,17 @@ def measure_model(model_name: str, rounds: int, device: str, partition: int, thr
         by_size = sorted(range(len(parts)), key=lambda p: (len(parts[p]), p))
         partition = by_size[len(by_size) // 2]
     rows = []
-    for strategy in experiment["strategies"]:
-        name = strategy["name"]
-        model = client_app.experiment_model(experiment, name, dataset)
+    for settings in experiment.resolved():
+        name = settings.name
+        model = client_app.experiment_model(settings, dataset)
         params = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
-        compression = strategy["compression"]
+        server_state = init_server_state(settings.compression, layout_of(params), settings.seed)
         content = RecordDict({
             "arrays": ArrayRecord({k: Array(v.numpy()) for k, v in params.items()}),
-            "config": ConfigRecord({"strategy": name, "server-round": 1, "side": "left",
-                                    "basis-id": 0 if is_shared(compression) else -1}),
+            "config": ConfigRecord(plan_round(server_state, settings.compression, name, 1).to_record()),
         })
-        if is_shared(compression):  # the server's first-round basis, as strategies/compressed.py sends it
-            basis = init_basis(layout_of(params), compression.get("rank", 4),
-                               compression.get("min_compression_rate", 2.0), int(experiment["seed"]))
-            content["basis"] = ArrayRecord({"float32": Array(pack(basis, layout_of(basis))["float32"])})
+        if server_state.basis is not None:  # the server's first-round basis, as strategies/compressed.py sends it
+            content["basis"] = ArrayRecord({"float32": Array(packed_basis(server_state))})
         context = Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(),
                           run_config={})
         round_seconds, round_cpu, encode_seconds, encode_cpu = [], [], [], []
@@ -171,7 +169,7 @@ def measure_model(model_name: str, rounds: int, device: str, partition: int, thr
         })
     peak_kib = proc_status_kib("VmHWM")
     for row in rows:
-        row.update({"device": str(torch.device(client_app.node_device(context, experiment["train"]))),
+        row.update({"device": str(torch.device(client_app.node_device(context, experiment.train))),
                     "rss_after_import_mib": rss_import_kib / 1024, "peak_rss_mib": peak_kib / 1024,
                     "torch": torch.__version__, "threads": torch.get_num_threads()})
     return {"rows": rows}
@@ -239,10 +237,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> dict[str, Any]:
+def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0, extra_overrides: str = "") -> dict[str, Any]:
     """Peak RSS of a real SuperNode and its ClientApp processes during ``flwr run`` on 127.0.0.1 (one node).
 
-    The app is the repository's (configs/deployment.yaml cut to one node); memory is sampled every 0.1 s.
+    The app is the repository's (configs/deployment.yaml cut to one node, plus ``extra_overrides`` such as
+    ``model.options.hidden=[256,256]`` for the quickstart MLP); memory is sampled every 0.1 s. The train
+    replies' ``t-*`` metrics (clients/flower_app.py) give where each message's time went on the client.
     """
     bin_dir = Path(sys.executable).parent
     work = Path(tempfile.mkdtemp(prefix="fedpower-footprint-"))
@@ -300,11 +300,13 @@ def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> di
                 raise RuntimeError("the SuperLink did not start: " + (work / "superlink.log").read_text()[-2000:])
             time.sleep(0.5)
         supernode = start("supernode", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
-                                        f"127.0.0.1:{port}", "--node-config", "partition-id=0 num-partitions=1",
+                                        f"127.0.0.1:{port}", "--node-config", "partition-id=0 num-partitions=1 timings=1",
                                         "--host", "127.0.0.1", "--port", str(runtime_port)])
         sampler = threading.Thread(target=sample, args=(supernode.pid,), daemon=True)
         sampler.start()
         overrides = f"data.num_clients=1; train.clients_per_round=1; train.rounds={rounds}"
+        if extra_overrides:
+            overrides += "; " + extra_overrides
         run_id = int(json.loads(flwr("run", ".", "footprint", "--format", "json", "--run-config",
                                      f"out-dir='{work / 'results'}' overrides='{overrides}'"))["run-id"])
         deadline = time.monotonic() + timeout
@@ -320,7 +322,10 @@ def measure_deployment(rounds: int, threads: int, timeout: float = 1200.0) -> di
         if status != "finished:completed":
             raise RuntimeError(f"run {run_id} ended as {status}: " + (work / "superlink.log").read_text()[-2000:])
         strategy = json.loads((work / "results" / "results.json").read_text())["strategies"][0]
-        return {"strategy": strategy["name"], "rounds": len(strategy["rounds"]),
+        per_client = json.loads((work / "results" / "client_metrics.json").read_text())[strategy["name"]]
+        timings = {r: {k: v for k, v in rows[0].items() if k.startswith("t-")} for r, rows in per_client.items()}
+        return {"strategy": strategy["name"], "rounds": len(strategy["rounds"]), "overrides": overrides,
+                "client_timings_s": timings,
                 "round_seconds": [r["seconds"] for r in strategy["rounds"]],
                 "uplink_bytes": [r["uplink_bytes"] for r in strategy["rounds"]],
                 "downlink_bytes": [r["downlink_bytes"] for r in strategy["rounds"]],
@@ -346,10 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     parser.add_argument("--deployment", action="store_true",
                         help="instead: SuperLink + SuperNode + `flwr run` on 127.0.0.1, peak RSS of SuperNode/ClientApp")
+    parser.add_argument("--overrides", default="",
+                        help="with --deployment: more run overrides, e.g. 'model.options.hidden=[256,256]'")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one model in this process
     args = parser.parse_args(argv)
     if args.deployment:
-        found = measure_deployment(args.rounds, args.threads)
+        found = measure_deployment(args.rounds, args.threads, extra_overrides=args.overrides)
         print(json.dumps(found, indent=2))
         if args.json:
             args.json.write_text(json.dumps(found, indent=2))

@@ -24,7 +24,7 @@ RUN_CONFIG_KEYS = {
     "plots": "also write the PNG plots (needs matplotlib on the SuperLink)",
 }
 #: Node-config keys a SuperNode may set (``--node-config 'key=value ...'``).
-NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-path", "device", "state-dir")
+NODE_CONFIG_KEYS = ("partition-id", "num-partitions", "data-path", "device", "state-dir", "threads", "timings")
 
 
 def app_root() -> Path:

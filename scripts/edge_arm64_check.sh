@@ -15,7 +15,8 @@
 #   clean      delete $ARM64_ROOT
 #
 # Environment: ARM64_ROOT (default /var/tmp/fedpower-arm64; never inside the repository),
-# QEMU_CPU (default cortex-a72), MIRROR (default http://deb.debian.org/debian), TORCH_SPEC (default torch==2.13.0),
+# QEMU_CPU (default cortex-a72), MIRROR (default http://deb.debian.org/debian), TORCH_SPEC (default torch==2.9.1: the
+# newest PyPI torch whose aarch64 wheel is CPU-only and runs on a Pi 4's Cortex-A72; see docs/edge.md),
 # HOST_VENV (default <repo>/.venv: the native SuperLink/ServerApp side, needs the [sim] install of this repo),
 # ROUNDS (default 1), PORT (SuperLink port, default 9180).
 #
@@ -29,7 +30,9 @@ REPO="${FEDPOWER_REPO:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 ARM64_ROOT="${ARM64_ROOT:-/var/tmp/fedpower-arm64}"
 QEMU_CPU="${QEMU_CPU:-cortex-a72}"
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
-TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+# 2.9.1, not the newest: PyPI's aarch64 torch >= 2.11 is a CUDA build (4.8 GB venv) and 2.10.0 dies with SIGILL
+# on a Cortex-A72 (measured under QEMU_CPU=cortex-a72, docs/edge.md); 2.9.1 is CPU-only and ran 2 rounds there.
+TORCH_SPEC="${TORCH_SPEC:-torch==2.9.1}"
 HOST_VENV="${HOST_VENV:-$REPO/.venv}"
 ROUNDS="${ROUNDS:-1}"
 PORT="${PORT:-9180}"
@@ -197,6 +200,9 @@ stage_install() {
     in_chroot python -c 'import platform, torch; print(platform.machine(), torch.__version__, torch.get_num_threads())'
     timing "import torch emulated ($QEMU_CPU)" "$((SECONDS - t2)) s"
     timing "install total" "$((SECONDS - t0)) s"
+    # What the board's SD card must hold: the venv, and torch's share of it.
+    timing "venv size ($TORCH_SPEC)" "$(du -sm "$ARM64_ROOT$CHROOT_VENV" | cut -f1) MiB, torch $(du -sm \
+        "$ARM64_ROOT$CHROOT_VENV"/lib/python3*/site-packages/torch | cut -f1) MiB"
     touch "$ARM64_ROOT/.stage-install"
 }
 
@@ -243,14 +249,33 @@ stage_round() {
     PIDS+=($!)
     wait_port "$PORT" 120 || { cat "$WORK/superlink.log"; die "the SuperLink did not start"; }
 
-    # 2. Emulated aarch64 SuperNode from the light install: one partition, its runtime API on 127.0.0.1.
+    # 2. Emulated aarch64 SuperNode from the light install: one partition, its runtime API on 127.0.0.1, the
+    #    per-message timing metrics on (timings=1).
     local t0=$SECONDS
     chroot_argv
     setsid "${CHROOT_CMD[@]}" flower-supernode --insecure --superlink "127.0.0.1:$PORT" \
-        --node-config "partition-id=0 num-partitions=1" --host 127.0.0.1 --port "$((PORT + 1))" \
+        --node-config "partition-id=0 num-partitions=1 timings=1" --host 127.0.0.1 --port "$((PORT + 1))" \
         > "$WORK/supernode.log" 2>&1 < /dev/null &
     local supernode_pid=$!
     PIDS+=("$supernode_pid")
+    # Peak RSS (VmHWM) of the emulated ClientApp processes, sampled every 0.2 s. Under qemu-user it includes the
+    # emulator's own memory (translation cache), so it is an upper bound of what the process needs on a board.
+    python3 - "$WORK/clientapp-peak-kib" > /dev/null 2>&1 <<'PY' &
+import os, sys, time
+peak = 0
+while True:
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if b"flwr-clientapp" in open(f"/proc/{pid}/cmdline", "rb").read():
+                hwm = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status") if l.startswith("VmHWM:"))
+                if hwm > peak:
+                    peak = hwm
+                    open(sys.argv[1], "w").write(str(peak))
+        except (OSError, StopIteration, ValueError):
+            pass
+    time.sleep(0.2)
+PY
+    PIDS+=($!)
 
     # 3. One run of the app: the deployment experiment (PowerSGD shared r4 int8) cut down to this one node and
     #    generated data (the synthetic data set needs only numpy; the base install has no mnist1d).
@@ -284,11 +309,20 @@ for r in strategy["rounds"]:
     assert r.get("failures", 0) == 0 and r["uplink_bytes"] > 0, r
     replies = clients[str(r["round"])]
     assert [int(c["partition-id"]) for c in replies] == [0], replies
+for r in strategy["rounds"]:  # where each train message's time went on the client (clients/flower_app.py)
+    c = clients[str(r["round"])][0]
+    if "t-handler-s" in c:
+        print(f"round {r['round']}: server round {r['seconds']:.1f} s; client: message -> handler "
+              f"{c.get('t-startup-s', float('nan')):.1f} s (of it torch+fedpower imports {c['t-import-s']:.1f} s), "
+              f"config {c['t-config-s']:.2f} s, data {c['t-data-s']:.2f} s, train+encode {c['t-handler-s']:.2f} s, "
+              f"{int(c['t-threads'])} torch thread(s)")
 print(f"OK {strategy['name']}: {rounds} round(s) aggregated from the emulated aarch64 client; "
       f"uplink {strategy['final']['uplink_bytes_total']} B, downlink {strategy['final']['downlink_bytes_total']} B, "
       f"test accuracy by round {[round(r['accuracy'], 4) for r in strategy['rounds']]}")
 PY
     timing "emulated run, $ROUNDS round(s), $QEMU_CPU: SuperNode start -> run finished" "$total_s s"
+    timing "emulated run, $QEMU_CPU: peak RSS of one ClientApp process (qemu included)" \
+        "$(( $(cat "$WORK/clientapp-peak-kib" 2>/dev/null || echo 0) / 1024 )) MiB"
     timing "emulated run, $ROUNDS round(s), $QEMU_CPU: flwr run -> run finished" "$run_s s"
 }
 

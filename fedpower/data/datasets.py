@@ -10,6 +10,7 @@ can still import this module.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import os
@@ -84,12 +85,7 @@ def _load_mnist1d(*, path: str | None, seed: int, test_fraction: float, label_co
     ``generator_seed`` replaces its ``seed`` (42 gives the canonical data set). The ``seed`` and
     ``test_fraction`` arguments do not apply: the data set and its split are fixed by its args.
     """
-    try:
-        from mnist1d.data import get_dataset_args
-    except ImportError:
-        raise _missing("mnist1d", "mnist1d") from None
-    args = get_dataset_args(as_dict=True)
-    args.pop("url")  # the downloader is never used; the URL must not influence the cache key
+    args = _mnist1d_default_args()
     if "generator_seed" in overrides:
         overrides = dict(overrides)
         overrides["seed"] = overrides.pop("generator_seed")
@@ -142,10 +138,49 @@ def _mnist1d_arrays(args: dict[str, Any]) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _mnist1d_default_args() -> dict[str, Any]:
+    """``mnist1d.data.get_dataset_args()`` without its URL, remembered per mnist1d version in the cache folder.
+
+    Importing mnist1d imports matplotlib and requests (~60 MiB, ~1 s): with the defaults remembered, a
+    process that finds the generated data in the cache (every ClientApp process after a node's first)
+    never imports it.
+    """
+    try:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing("mnist1d", "mnist1d") from None
+    remembered = cache_dir() / f"mnist1d-args-{version}.json"
+    try:
+        args = json.loads(remembered.read_text())
+        if isinstance(args, dict) and args:
+            return args
+    except (OSError, ValueError):
+        pass  # not written yet, or unreadable: ask mnist1d below
+    try:
+        from mnist1d.data import get_dataset_args
+    except ImportError:
+        raise _missing("mnist1d", "mnist1d") from None
+    args = get_dataset_args(as_dict=True)
+    args.pop("url")  # the downloader is never used; the URL must not influence the cache key
+    try:
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=remembered.parent, prefix=remembered.name, suffix=".tmp")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(args, handle)
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, remembered)  # atomic: concurrent processes never read a partial file
+    except OSError:
+        pass  # a read-only cache only costs the import next time
+    return args
+
+
 def _generate_mnist1d(args: dict[str, Any]) -> dict[str, np.ndarray]:
     """Run mnist1d's generator without letting it reseed the caller's global RNGs."""
-    from mnist1d.data import make_dataset
-    from mnist1d.utils import ObjectView
+    try:
+        from mnist1d.data import make_dataset
+        from mnist1d.utils import ObjectView
+    except ImportError:
+        raise _missing("mnist1d", "mnist1d") from None
 
     # make_dataset calls np.random.seed / random.seed globally: save and restore both states so
     # loading data never changes the randomness of the code around it.

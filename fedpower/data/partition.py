@@ -10,10 +10,11 @@ Before partitioning, the rows are put in a seeded random order: flwr's IidPartit
 contiguous blocks and the label-based ones take classes in row order, so without it a data set
 stored sorted (by device, by time) would leak that order into the clients.
 
-On a bare edge install without ``datasets`` / ``flwr-datasets``, ``iid``, ``dirichlet`` and
-``natural`` fall back to numpy re-implementations of the same algorithms that consume the same
-random numbers, so they give *identical* partitions (tested); ``pathological`` and ``shard``
-then raise a DataError naming the extra to install.
+``iid``, ``dirichlet`` and ``natural`` always use numpy re-implementations of the same algorithms
+that consume the same random numbers, so they give *identical* partitions (tested against flwr's)
+without importing HF ``datasets`` (pyarrow, pandas) — which matters on an edge client that starts a
+fresh process per message. ``pathological`` and ``shard`` use flwr's partitioners; without
+``flwr-datasets`` they raise a DataError naming the extra to install.
 """
 
 from __future__ import annotations
@@ -95,13 +96,16 @@ def partition(dataset: Dataset, num_clients: int, kind: str, *, seed: int = 0, *
                 f"data set {dataset.name!r} has {num_ids} natural clients, fewer than num_clients={num_clients}"
             )
 
-    flwr = _flwr_partitioners()
-    if flwr is not None:
-        parts = _partition_flwr(flwr, dataset, num_clients, kind, int(seed), params)
-    elif kind in _NUMPY_KINDS:
+    if kind in _NUMPY_KINDS:
+        # The numpy versions return flwr's partitions (tested) without importing HF datasets, pyarrow and
+        # pandas: ~190 MiB and 1.5 s in every ClientApp process (one per message on a SuperNode), and server
+        # and nodes agree whether or not the [sim] extra is installed on each.
         parts = _partition_numpy(dataset, num_clients, kind, int(seed), params)
     else:
-        raise DataError(f"partition kind {kind!r} needs the 'flwr-datasets' package: {SIM_EXTRA_HINT}")
+        flwr = _flwr_partitioners()
+        if flwr is None:
+            raise DataError(f"partition kind {kind!r} needs the 'flwr-datasets' package: {SIM_EXTRA_HINT}")
+        parts = _partition_flwr(flwr, dataset, num_clients, kind, int(seed), params)
 
     parts = [np.sort(np.asarray(part, dtype=np.int64)) for part in parts]
     empty = [client for client, part in enumerate(parts) if len(part) == 0]
@@ -274,6 +278,9 @@ def _dirichlet_positions(
             for client, chunk in enumerate(np.split(members, cuts)):
                 assigned[client].extend(chunk.tolist())
         if min(len(a) for a in assigned) >= min_size:
+            if _attempt:  # the same summary the flwr path gives for its per-redraw warnings
+                warnings.warn(f"dirichlet partition: {_attempt} redraw(s) were needed to give every client "
+                              "min_partition_size examples", stacklevel=4)
             for indices in assigned:
                 rng.shuffle(indices)  # flwr shuffles each partition; keeps the random stream aligned
             return assigned
