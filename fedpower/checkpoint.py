@@ -247,3 +247,34 @@ def restore_strategy_state(arrays: Mapping[str, np.ndarray], meta: Mapping[str, 
     if privacy is not None and meta.get("privacy") is not None:
         privacy.restore(meta["privacy"])
     return restored, from_arrays(arrays, meta, codec_state), meta.get("stop_reason")
+
+
+# -- releases in flight (local DP) ---------------------------------------------------------------------
+_INFLIGHT = "release-in-flight.json"
+
+
+def mark_release(directory: str | os.PathLike[str], strategy_index: int, server_round: int,
+                 cohort: list[int]) -> None:
+    """Record, before a round's messages go out, that its clients are about to release noisy updates.
+
+    Why: under local DP a client's reply is a release to an untrusted server the moment it is sent.
+    If the run dies before the round's checkpoint, a resume redoes the round and the clients release
+    again; :func:`lost_release` lets the resumed run account that first release too.
+    """
+    path = Path(directory) / _INFLIGHT
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"strategy_index": int(strategy_index), "round": int(server_round),
+                               "cohort": [int(p) for p in cohort]}))
+    os.replace(tmp, path)
+
+
+def lost_release(directory: str | os.PathLike[str], strategy_index: int, completed_round: int) -> list[int] | None:
+    """The cohort of a round that was sent but never checkpointed (the one a resume redoes), else None."""
+    path = Path(directory) / _INFLIGHT
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if marker.get("strategy_index") != strategy_index or marker.get("round") != completed_round + 1:
+        return None  # that round finished (its checkpoint is newer) or belongs to another strategy
+    return [int(p) for p in marker.get("cohort", [])]

@@ -58,6 +58,7 @@ class CompressedFedAvg(FedAvg):
         self.stop_reason: str | None = None  # set when the privacy budget ends training early
         self.federated_metrics: dict[int, dict[str, float]] = {}  # round → client-side evaluation
         self.stats: dict[int, RoundStats] = {}  # round → what its training part did
+        self.on_release: Callable[[int, list[int]], None] | None = None  # told before a round's messages go out
         self._plans: dict[int, tuple[RoundPlan, Any, list[int], float]] = {}  # round → plan, codec, cohort, start
 
     def summary(self) -> None:
@@ -91,6 +92,8 @@ class CompressedFedAvg(FedAvg):
             self.stop_reason = why
             return []
         wait_until_online(grid, nodes, self.settings.train.failures.rejoin_wait_s, f"{self.name} round {server_round}")
+        if self.on_release is not None:
+            self.on_release(server_round, cohort)
         noise = None if self.privacy is None else float(self.privacy.noise_multiplier)
         plan = plan_round(self.codec_state, self.settings.compression, self.name, server_round, noise)
         basis = self.codec_state.basis if sends_basis(self.settings.compression, plan) else None

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedpower.checkpoint import ResumePoint, restore_rng, save_run_checkpoint
+from fedpower.checkpoint import ResumePoint, lost_release, mark_release, restore_rng, save_run_checkpoint
 from fedpower.codecs import layout_of
 from fedpower.codecs.budget import ranks_for
 from fedpower.config import ExperimentConfig, StrategyConfig
@@ -214,6 +214,8 @@ def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
         strategy.round_offset = restart.completed_round
         restore_rng(restart.rng.get("arrays", {}), restart.rng.get("meta", {}))
         log.info("%s: resuming after round %d of %d", settings.name, restart.completed_round, settings.train.rounds)
+    if results.checkpoint_dir and strategy.privacy is not None and strategy.privacy.mode == "local":
+        _account_lost_release(strategy, results.checkpoint_dir, index)
     if observer is not None:
         observer.strategy_started(settings.name, settings.train.rounds)
         for row in result.rounds:
@@ -228,6 +230,21 @@ def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
     if observer is not None:
         observer.strategy_finished(settings.name, result.final())
     return result.completed or strategy.stop_reason is not None
+
+
+def _account_lost_release(strategy: CompressedFedAvg, directory: str, index: int) -> None:
+    """Local DP: count a round whose noisy replies left the clients before a crash, then mark every round sent.
+
+    A resume redoes that round and its clients release again (fresh noise unless ``noise_seed`` is
+    set): the untrusted server has seen both releases, so ε must count both.
+    """
+    cohort = lost_release(directory, index, strategy.round_offset)
+    if cohort is not None:
+        strategy.privacy.record(cohort)
+        log.warning("%s: round %d had been sent before the run stopped; its local-DP releases are accounted "
+                    "(ε now %.4g) before the round is redone", strategy.name, strategy.round_offset + 1,
+                    strategy.privacy.epsilon)
+    strategy.on_release = lambda server_round, sent: mark_release(directory, index, server_round, sent)
 
 
 def make_server_app(experiment: ExperimentConfig | Mapping[str, Any], results: RunResults, observer: Any = None,

@@ -518,3 +518,59 @@ def test_replies_discarded_after_commit_are_counted() -> None:
     updates = [_update(p, scale=10.0 if p == 3 else 0.01) for p in range(5)]
     strategy.aggregate_train(1, [_reply(strategy, m, updates[NODES[m.metadata.dst_node_id]]) for m in _round(strategy)])
     assert strategy.finished[-1].discarded_after_commit == 1  # type: ignore[attr-defined]
+
+
+def test_local_dp_round_redone_after_a_crash_is_accounted_twice(tmp_path: Path) -> None:
+    """Killed between the clients' replies and the round's checkpoint: the resumed run counts both releases.
+
+    Under local DP each reply is a release to the (untrusted) server. The crash is injected where the
+    checkpoint of round 2 would be written; the resume redoes round 2, whose clients release again.
+    """
+    import strategies.server as server
+    from clients.app import make_client_app
+    from fedpower.config import parse_config
+    from fedpower.experiment import privacy_plan
+    from fedpower.privacy import cohort_sampler
+    from strategies.inprocess import InProcessGrid
+
+    experiment = parse_config({
+        "experiment": "ldp-crash", "seed": 0, "data": {"dataset": "digits", "num_clients": 6, "partition": {"kind": "iid"}},
+        "model": {"name": "logreg"}, "train": {"rounds": 3, "clients_per_round": 3, "device": "cpu"},
+        "client_state": {"store": "disk", "dir": str(tmp_path / "state")},
+        "strategies": [{"name": "ldp", "compression": {"method": "none"},
+                        "privacy": {"mode": "local", "clip_norm": 1.0, "noise_multiplier": 2.0, "noise_seed": 0}}]})
+
+    class Crash(Exception):
+        pass
+
+    real_save = server.save_run_checkpoint
+
+    def dying_save(*args: Any, **kwargs: Any) -> None:
+        if kwargs["completed_round"] == 2:
+            raise Crash  # the process dies after round 2's replies, before its checkpoint
+        real_save(*args, **kwargs)
+
+    def run(resume: Any) -> RunResults:
+        results = RunResults(experiment="ldp-crash", config=experiment.to_dict())
+        results.checkpoint_dir, results.resume_from = str(tmp_path), resume
+        server.run_strategies(InProcessGrid(make_client_app(experiment), 6), experiment, results)
+        return results
+
+    server.save_run_checkpoint = dying_save
+    try:
+        with pytest.raises(Crash):
+            run(None)
+    finally:
+        server.save_run_checkpoint = real_save
+    point = load_run_checkpoint(tmp_path)
+    assert point is not None and point.completed_round == 1
+    resumed = run(point).strategies["ldp"]
+    settings = experiment.resolve("ldp")
+    sample = cohort_sampler(0, range(6), 3, "poisson")
+    expected, once = privacy_plan(settings), privacy_plan(settings)
+    for server_round in (1, 2, 2, 3):  # round 2 released twice
+        expected.record(sample(server_round))  # type: ignore[union-attr]
+    for server_round in (1, 2, 3):
+        once.record(sample(server_round))  # type: ignore[union-attr]
+    assert resumed.final()["epsilon"] == pytest.approx(expected.epsilon)  # type: ignore[union-attr]
+    assert resumed.final()["epsilon"] > once.epsilon  # type: ignore[union-attr]
