@@ -232,7 +232,7 @@ def initial_accuracy(overrides: str) -> float:
 
     experiment = experiment_from_run_config({"config": "configs/deployment.yaml", "overrides": overrides})
     dataset, _, _, _, x_test, y_test = experiment_data(experiment)
-    model = experiment_model(experiment, experiment["strategies"][0]["name"], dataset)
+    model = experiment_model(experiment.resolved()[0], dataset)
     return float(evaluate(model, x_test, y_test)[1])
 
 

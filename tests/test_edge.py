@@ -63,8 +63,9 @@ LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
     from flwr.supercore.task_identity import TaskIdentity
 
     import clients.app as client_app
-    from fedpower.codecs import build_codec, init_basis, layout_of, pack, unpack
+    from fedpower.codecs import build_codec, layout_of, pack, unpack
     from fedpower.config import load_config
+    from fedpower.server_state import init_server_state, packed_basis, plan_round
 
     # One encode straight through the codec API.
     update = {{"fc.weight": torch.randn(64, 32), "fc.bias": torch.randn(64)}}
@@ -77,18 +78,16 @@ LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
     # A whole ClientApp train round, with the message the server would send.
     experiment = load_config("configs/quickstart.yaml", overrides=[
         "data.dataset=synthetic", "data.num_clients=4", "train.clients_per_round=2", "train.local_epochs=1",
-        "train.device=cpu"]).to_dict()
-    name = "powersgd-shared-r4-int8"
-    strategy = next(s for s in experiment["strategies"] if s["name"] == name)
+        "train.device=cpu"])
+    settings = experiment.resolve("powersgd-shared-r4-int8")
     dataset, *_ = client_app.experiment_data(experiment)
-    model = client_app.experiment_model(experiment, name, dataset)
+    model = client_app.experiment_model(settings, dataset)
     params = {{k: v.detach() for k, v in model.state_dict().items()}}
-    compression = strategy["compression"]
-    basis = init_basis(layout_of(params), compression["rank"], compression.get("min_compression_rate", 2.0), seed=0)
+    state = init_server_state(settings.compression, layout_of(params), settings.seed)  # what the server sends
     content = RecordDict({{
         "arrays": ArrayRecord({{k: Array(v.numpy()) for k, v in params.items()}}),
-        "config": ConfigRecord({{"strategy": name, "server-round": 1, "side": "left", "basis-id": 0}}),
-        "basis": ArrayRecord({{"float32": Array(pack(basis, layout_of(basis))["float32"])}}),
+        "config": ConfigRecord(plan_round(state, settings.compression, settings.name, 1).to_record()),
+        "basis": ArrayRecord({{"float32": Array(packed_basis(state))}}),
     }})
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
     message = Message(content, dst_node_id=1, message_type="train")
@@ -223,8 +222,9 @@ CLIENT_PATH_SCRIPT = textwrap.dedent("""
     import clients.flower_app as flower_app
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
-    from fedpower.codecs import init_basis, layout_of, pack
+    from fedpower.codecs import layout_of
     from fedpower.experiment import experiment_model
+    from fedpower.server_state import init_server_state, packed_basis, plan_round
 
     run_config = {{"config": "configs/deployment.yaml", "overrides": {overrides!r}}}
     node_config = {{"partition-id": 1, "num-partitions": 2, "threads": 1}}
@@ -232,16 +232,17 @@ CLIENT_PATH_SCRIPT = textwrap.dedent("""
         node_config["timings"] = "1"
     context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config=run_config)
     experiment = flower_app.node_experiment(context)
-    name = experiment["strategies"][0]["name"]
-    compression = experiment["strategies"][0]["compression"]
+    settings = experiment.resolved()[0]
     dataset, *_ = flower_app.experiment_data(experiment)
-    params = {{k: v.detach() for k, v in experiment_model(experiment, name, dataset).state_dict().items()}}
-    basis = init_basis(layout_of(params), compression["rank"], compression.get("min_compression_rate", 2.0), seed=0)
-    content = RecordDict({{
+    params = {{k: v.detach() for k, v in experiment_model(settings, dataset).state_dict().items()}}
+    state = init_server_state(settings.compression, layout_of(params), settings.seed)  # what the server sends
+    content = {{
         "arrays": ArrayRecord({{k: Array(v.numpy()) for k, v in params.items()}}),
-        "config": ConfigRecord({{"strategy": name, "server-round": 1, "side": "left", "basis-id": 0}}),
-        "basis": ArrayRecord({{"float32": Array(pack(basis, layout_of(basis))["float32"])}}),
-    }})
+        "config": ConfigRecord(plan_round(state, settings.compression, settings.name, 1).to_record()),
+    }}
+    if state.basis is not None:
+        content["basis"] = ArrayRecord({{"float32": Array(packed_basis(state))}})
+    content = RecordDict(content)
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # what a SuperNode sets
     reply = flower_app.train(Message(content, dst_node_id=1, message_type="train"), context)
     assert not reply.has_error(), reply.error
