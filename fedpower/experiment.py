@@ -112,7 +112,10 @@ def holdout_fraction(experiment: ExperimentConfig) -> float:
     One value for the whole run (the top-level ``train.federated_holdout``): every strategy then
     trains on the same examples, whichever of them evaluates federatedly.
     """
-    evaluating = any(settings.train.federated_evaluation for settings in experiment.resolved())
+    # Read from the entries directly: resolving every strategy on every client message would cost more.
+    evaluating = any(entry.train.federated_evaluation if entry.train is not None
+                     and entry.train.federated_evaluation is not None else experiment.train.federated_evaluation
+                     for entry in experiment.strategies)
     return experiment.train.federated_holdout if evaluating else 0.0
 
 
@@ -125,5 +128,7 @@ def client_indices(experiment: ExperimentConfig, partition_id: int) -> tuple[np.
 
 def experiment_model(settings: StrategyConfig, dataset: Dataset) -> torch.nn.Module:
     """The strategy's model, initialised identically on every end (seeded by the experiment seed)."""
-    torch.manual_seed(settings.seed)
+    # The CPU generator is what initialisation draws from (models are built on the CPU, then moved);
+    # torch.manual_seed would also queue a lazy CUDA seeding that records a stack trace on every call.
+    torch.default_generator.manual_seed(settings.seed)
     return build_model(settings.model.name, dataset, **settings.model.options)

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedpower.config import NetworkConfig
 
 from fedpower.ledger import Ledger
 
@@ -59,17 +62,25 @@ def resolve_link(name: str, custom: Mapping[str, Mapping[str, Any]] | None = Non
     raise ValueError(f"unknown network profile {name!r}; known: {', '.join(known)}")
 
 
-def assign_links(num_clients: int, network: Mapping[str, Any], seed: int) -> list[Link]:
+def _typed(network: "NetworkConfig | Mapping[str, Any]") -> "NetworkConfig":
+    """The ``network`` block through the schema (results.json holds it as plain data)."""
+    from fedpower.config import NetworkConfig
+
+    return network if isinstance(network, NetworkConfig) else NetworkConfig.model_validate(dict(network))
+
+
+def assign_links(num_clients: int, network: "NetworkConfig | Mapping[str, Any]", seed: int) -> list[Link]:
     """Partition id → Link: one profile for all, or a ``mix`` (name → fraction) spread over clients by seed.
 
     A mix gets exact counts (largest remainder) and a seeded shuffle, so "30 % on nb-iot" means 30 %
     of the clients, whichever the seed, and the same clients for every strategy of a run.
     """
-    custom = network.get("profiles") or {}
-    mix = network.get("mix")
+    network = _typed(network)
+    custom = {name: link.model_dump() for name, link in network.profiles.items()}
+    mix = network.mix
     if not mix:
-        link = resolve_link(network.get("profile") or "4g", custom)
-        return [link] * num_clients
+        assert network.profile is not None  # the schema requires profile or mix
+        return [resolve_link(network.profile, custom)] * num_clients
     names = list(mix)
     shares = np.array([float(mix[n]) for n in names]) * num_clients
     counts = np.floor(shares).astype(int)
@@ -115,12 +126,13 @@ def common_target(best_accuracies: Iterable[float]) -> float:
     return min(finite) if finite else float("nan")
 
 
-def network_summary(strategies: Mapping[str, tuple[Ledger, list[dict[str, Any]]]], network: Mapping[str, Any],
-                    num_clients: int, seed: int) -> dict[str, Any]:
+def network_summary(strategies: Mapping[str, tuple[Ledger, list[dict[str, Any]]]],
+                    network: "NetworkConfig | Mapping[str, Any]", num_clients: int, seed: int) -> dict[str, Any]:
     """Per strategy: simulated seconds per round, in total, and to the target accuracy (results.json ``network``)."""
+    network = _typed(network)
     links = assign_links(num_clients, network, seed)
-    compute_s = float(network.get("compute_s", 0.0) or 0.0)
-    target = network.get("target_accuracy")
+    compute_s = network.compute_s
+    target = network.target_accuracy
     if target is None:
         target = common_target(max((r["accuracy"] for r in rows if r.get("accuracy") is not None
                                     and math.isfinite(r["accuracy"])), default=float("nan"))
