@@ -1,9 +1,9 @@
 """The in-process engine: Flower's ``Grid`` implemented in one process, without Ray.
 
 The ServerApp, its strategies and the ClientApp are Flower's own objects, called as Flower calls
-them: every message is a real ``Message`` that travels through Flower's own serialization (deflated
-into its object tree and inflated again on the other side, as a SuperLink's object store does), and
-every node keeps one ``Context`` whose ``state`` persists across its messages. What Ray adds — actor
+them: every message is a real ``Message`` (the receiver gets its own copy of the records; array
+payloads are immutable bytes and are shared), the ledger measures each message with Flower's own
+serialization, and every node keeps one ``Context`` whose ``state`` persists across its messages. What Ray adds — actor
 processes, a message queue polled every 0.1 s, one discovery query per node — is not needed when the
 clients run one after another in the driver, which is what a 2-core machine does anyway.
 
@@ -13,17 +13,16 @@ partition-discovery question at start-up.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import traceback
 from typing import Any, Callable, Iterable, Mapping
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 
 log = logging.getLogger("fedpower.inprocess")
@@ -32,17 +31,26 @@ log = logging.getLogger("fedpower.inprocess")
 NODE_ID_BASE = 1 << 40
 
 
-def transport(message: Message) -> Message:
-    """``message`` as the receiver gets it: deflated to Flower's object tree and inflated again.
+def _copy_record(record: Any) -> Any:
+    """A fresh record holding the same values; array payloads are immutable ``bytes`` and are shared."""
+    if isinstance(record, ArrayRecord):
+        return ArrayRecord({name: Array(dtype=arr.dtype, shape=tuple(arr.shape), stype=arr.stype, data=bytes(arr.data))
+                            for name, arr in record.items()})
+    return type(record)(dict(record))
 
-    Why a round trip and not the object itself: the receiver must not share arrays with the sender
-    (a client that changed its input in place would change the server's model), and anything Flower
-    cannot serialize must fail here as it would in a deployment.
+
+def transport(message: Message) -> Message:
+    """``message`` as the receiver gets it: a new Message whose records share nothing mutable with the sender's.
+
+    Why: a client that changed the records it received (or the server, the reply) must not change
+    what the other side holds, as over a real network. Array payloads are immutable bytes, so only
+    the containers are copied; the cost does not grow with the model. Flower's serialization of
+    every train and evaluate message is measured by the strategy for the ledger.
     """
-    contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(message).items()}
-    received = inflate_object_from_contents(message.object_id, contents)
-    assert isinstance(received, Message)
-    return received
+    copied = Message(metadata=copy.copy(message.metadata),
+                     content=RecordDict({key: _copy_record(rec) for key, rec in message.content.items()})) \
+        if message.has_content() else Message(metadata=copy.copy(message.metadata), error=message.error)
+    return copied
 
 
 class InProcessGrid(Grid):
