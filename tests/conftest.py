@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Iterator
+
+import pytest
 
 os.environ.setdefault("FLWR_HOME", tempfile.mkdtemp(prefix="fedpower-test-flwr-"))
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -27,3 +30,14 @@ def strategy_settings(compression: dict | None = None, *, name: str = "s", priva
     config = parse_config({"experiment": "test", "seed": seed, "data": {"num_clients": num_clients},
                            "train": train, "strategies": [entry]})
     return config.resolve(name)
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower needs a task identity to build instruction messages outside a running app (restored after)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedpower.config import ConfigError, parse_config
 from fedpower.data import split_holdout
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a running app
 
 
 def test_split_is_disjoint_complete_seeded_and_sized() -> None:
@@ -35,15 +36,6 @@ def test_split_edge_cases() -> None:
     assert [len(part) for part in split_holdout(np.arange(1), 0.5, seed=0, partition_id=0)] == [1, 0]
     with pytest.raises(ValueError, match="fraction"):
         split_holdout(indices, 1.0, seed=0, partition_id=0)
-
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower needs a task identity to build instruction messages outside a running app."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
 
 
 def _experiment(federated_evaluation: bool) -> Any:

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from strategies.inprocess import InProcessGrid, transport
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Instruction messages take their sender from the task identity, as under a SuperLink."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a running app
 
 
 def _instruction(node: int) -> Message:

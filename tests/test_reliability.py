@@ -15,13 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from clients.failures import DELAY_METRIC, SIMULATED_FAILURE_CODE, draw_failure, dropout_reply, is_simulated_dropout
 from fedpower.checkpoint import (
@@ -37,14 +36,7 @@ from strategies.compressed import CompressedFedAvg, RoundStats
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {100 + p: p for p in range(5)}  # node id → partition
 
-
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    """Flower needs a task identity to build instruction messages outside a running app."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
+pytestmark = pytest.mark.usefixtures("task_identity")  # messages built outside a running app
 
 
 def _params() -> dict[str, torch.Tensor]:

@@ -188,6 +188,52 @@ def scale_tensor(t: torch.Tensor, factor: float) -> torch.Tensor:
     return (t.detach().double() * factor).to(t.dtype)
 
 
+class Wrapper(Codec):
+    """A codec around ``self.inner`` that sends what ``inner`` sends: layout, spaces and decoding are its.
+
+    Subclasses (error feedback, the DP norm bound) change what is encoded, never the wire format, so
+    the server-side half and the norms delegate here in one place.
+    """
+
+    inner: Codec  # set by the subclass (a dataclass field)
+
+    @property
+    def linear_space_is_factors(self) -> bool:  # type: ignore[override]
+        """Same linear space as the wrapped codec."""
+        return self.inner.linear_space_is_factors
+
+    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The wrapped codec's wire layout."""
+        return self.inner.layout(inputs)
+
+    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
+        """The wrapped codec's linear space."""
+        return self.inner.linear_layout(inputs)
+
+    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
+        """The wrapped codec's."""
+        return self.inner.output_norm(encoded)
+
+    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
+        """The wrapped codec's."""
+        return self.inner.scale_output(encoded, factor)
+
+    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Decoding is the wrapped codec's."""
+        return self.inner.decode(encoded, inputs)
+
+    def reduce(
+        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+        inputs: Mapping[str, ArraySpec],
+    ) -> Tensors:
+        """Aggregation is the wrapped codec's."""
+        return self.inner.reduce(encoded_list, weights, inputs)
+
+    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
+        """Expansion is the wrapped codec's."""
+        return self.inner.expand(reduced, inputs)
+
+
 def weighted_sum(items: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> Tensors:
     """Σ w_i · items_i, name by name (float32)."""
     if len(items) != len(weights):

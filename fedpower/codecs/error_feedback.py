@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors
+from fedpower.codecs.base import ArraySpec, Codec, Tensors, Wrapper
 
 RESIDUAL = "residual/"
 INNER = "inner/"
@@ -32,19 +32,10 @@ def prefixed(state: Mapping[str, torch.Tensor], prefix: str) -> Tensors:
 
 
 @dataclass(frozen=True)
-class ErrorFeedback(Codec):
+class ErrorFeedback(Wrapper):
     """Wraps ``inner`` and carries its compression error into the next encode."""
 
     inner: Codec  # the codec whose error is fed back
-
-    @property
-    def linear_space_is_factors(self) -> bool:  # type: ignore[override]
-        """Same linear space as the wrapped codec."""
-        return self.inner.linear_space_is_factors
-
-    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
-        """Same wire layout as the wrapped codec: error feedback costs no bytes."""
-        return self.inner.layout(inputs)
 
     def init_state(self, inputs: Mapping[str, ArraySpec], device: torch.device | str = "cpu", seed: int = 0) -> Tensors:
         """Zero residuals plus the wrapped codec's state."""
@@ -72,30 +63,3 @@ class ErrorFeedback(Codec):
     def residual_norm(self, state: Mapping[str, torch.Tensor]) -> float:
         """L2 norm of the residual part of ``state`` (float64 sum)."""
         return sum(float(t.double().pow(2).sum()) for t in split_state(state, RESIDUAL).values()) ** 0.5
-
-    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
-        """The wrapped codec's linear space."""
-        return self.inner.linear_layout(inputs)
-
-    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
-        """The wrapped codec's."""
-        return self.inner.output_norm(encoded)
-
-    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
-        """The wrapped codec's."""
-        return self.inner.scale_output(encoded, factor)
-
-    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
-        """Decoding is the wrapped codec's."""
-        return self.inner.decode(encoded, inputs)
-
-    def reduce(
-        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-        inputs: Mapping[str, ArraySpec],
-    ) -> Tensors:
-        """Aggregation is the wrapped codec's."""
-        return self.inner.reduce(encoded_list, weights, inputs)
-
-    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
-        """Expansion is the wrapped codec's."""
-        return self.inner.expand(reduced, inputs)

@@ -26,7 +26,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, Trace, layout_of, validate
+from fedpower.codecs.base import ArraySpec, Codec, Layout, Tensors, Trace, Wrapper, layout_of, validate
 from fedpower.codecs.dense import Dense
 from fedpower.privacy.mechanism import add, contribution_norm, gaussian_noise_like
 
@@ -149,7 +149,7 @@ _BOUND_STEPS = 40
 
 
 @dataclass(frozen=True, eq=False)
-class NormBound(Codec):
+class NormBound(Wrapper):
     """``inner``, with every message shrunk until the contribution the server decodes has norm ≤ C.
 
     Clipping happens before quantization, and stochastic rounding can add norm (int2 ≈ 1.5·C); the
@@ -160,19 +160,6 @@ class NormBound(Codec):
 
     inner: Codec  # the pipeline whose decoded contribution is bounded
     clip_norm: float  # C
-
-    @property
-    def linear_space_is_factors(self) -> bool:  # type: ignore[override]
-        """Same linear space as the wrapped codec."""
-        return self.inner.linear_space_is_factors
-
-    def layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
-        """The wrapped codec's wire layout."""
-        return self.inner.layout(inputs)
-
-    def linear_layout(self, inputs: Mapping[str, ArraySpec]) -> Layout:
-        """The wrapped codec's linear space."""
-        return self.inner.linear_layout(inputs)
 
     def init_state(self, inputs: Mapping[str, ArraySpec], device: torch.device | str = "cpu", seed: int = 0) -> Tensors:
         """The wrapped codec's state (under the same names: the bound keeps none of its own)."""
@@ -230,26 +217,3 @@ class NormBound(Codec):
         inputs = layout_of(tensors)
         twin = None if traced.clean is None else self.bound(traced.clean, inputs)
         return Trace(self.bound(traced.encoded, inputs), traced.state, traced.back, twin, traced.dropped)
-
-    def decode(self, encoded: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
-        """The wrapped codec's."""
-        return self.inner.decode(encoded, inputs)
-
-    def reduce(
-        self, encoded_list: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
-        inputs: Mapping[str, ArraySpec],
-    ) -> Tensors:
-        """The wrapped codec's."""
-        return self.inner.reduce(encoded_list, weights, inputs)
-
-    def expand(self, reduced: Mapping[str, torch.Tensor], inputs: Mapping[str, ArraySpec]) -> Tensors:
-        """The wrapped codec's."""
-        return self.inner.expand(reduced, inputs)
-
-    def output_norm(self, encoded: Mapping[str, torch.Tensor]) -> float:
-        """The wrapped codec's."""
-        return self.inner.output_norm(encoded)
-
-    def scale_output(self, encoded: Mapping[str, torch.Tensor], factor: float) -> Tensors:
-        """The wrapped codec's."""
-        return self.inner.scale_output(encoded, factor)
