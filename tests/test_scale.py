@@ -167,7 +167,7 @@ def _can_unshare_network() -> bool:
 
 @pytest.mark.slow
 def test_run_py_on_a_two_node_ray_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """run.py --set simulation.ray_address=... trains on a head node plus a worker node (one CPU each)."""
+    """run.py --set simulation.engine=ray simulation.ray_address=... trains on a head and a worker node (one CPU each)."""
     if not _can_unshare_network():
         pytest.skip("needs `unshare -n` (a private loopback-only network) to keep Ray's servers off the network")
     ray_cli = Path(sys.executable).with_name("ray")
@@ -185,7 +185,7 @@ def test_run_py_on_a_two_node_ray_cluster(tmp_path: Path, request: pytest.Fixtur
             compression: {method: powersgd, rank: 2}
     """))
     command = [sys.executable, str(ROOT / "run.py"), str(config), "--out", str(out), "--no-plots",
-               "--set", f"simulation.ray_address=127.0.0.1:{port}"]
+               "--set", "simulation.engine=ray", "--set", f"simulation.ray_address=127.0.0.1:{port}"]
     script = CLUSTER_SCRIPT.format(wait=240)
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr"), FEDPOWER_CACHE=os.environ.get(
         "FEDPOWER_CACHE", str(Path.home() / ".cache" / "fedpower")))
