@@ -294,7 +294,7 @@ def run_bare(experiment: dict[str, Any], timeline: Timeline) -> dict[str, Any]:
             replies = []
             for pid in sample(server_round):
                 seed = client_seed(settings.seed, server_round, pid)
-                model = experiment_model(settings, dataset)  # a fresh model per client, as a ClientApp does
+                model = experiment_model(settings, dataset, pretrained=False)  # a fresh model per client, as a ClientApp does
                 update, examples, loss = local_update(model, params, x_train, y_train, parts[pid], settings.train, seed)
                 payload, state, metrics = client_step(update, states.get(pid), plan, settings,
                                                       client_codec(settings, plan, basis, pid), partition=pid,

@@ -81,8 +81,8 @@ def handle_train(msg: Message, context: Context, experiment: ExperimentConfig | 
     global_params = model_from_arrays(msg.content["arrays"], device)
     seed = client_seed(settings.seed, plan.round, pid)
     train_idx = client_indices(experiment, pid)[0]  # without the federated-evaluation holdout
-    update, examples, loss = local_update(experiment_model(settings, dataset).to(device), global_params, x_train,
-                                          y_train, train_idx, settings.train, seed)
+    model = experiment_model(settings, dataset, pretrained=False).to(device)  # the message carries the weights
+    update, examples, loss = local_update(model, global_params, x_train, y_train, train_idx, settings.train, seed)
     codec = client_codec(settings, plan, _basis(msg, settings, plan, update, device), pid)
     store = make_store(experiment.client_state, experiment.experiment, context)
     saved = None if plan.dense else store.load(settings.name, pid, before_round=plan.round)
@@ -103,7 +103,7 @@ def handle_evaluate(msg: Message, context: Context, experiment: ExperimentConfig
     settings = experiment.resolve(plan.strategy)
     device = node_device(context, settings.train)
     dataset, _, x_train, y_train, _, _ = experiment_data(experiment)
-    model = experiment_model(settings, dataset).to(device)
+    model = experiment_model(settings, dataset, pretrained=False).to(device)
     set_params(model, model_from_arrays(msg.content["arrays"], device))
     idx = torch.as_tensor(client_indices(experiment, partition_id(context))[1], dtype=torch.long)
     loss, accuracy = evaluate(model, x_train[idx], y_train[idx])

@@ -118,6 +118,19 @@ class ModelConfig(_Model):
 
     name: str = Field("cnn1d", pattern=_MODEL_NAME)  # reference model name, or "package.module:Class"
     options: dict[str, Any] = Field(default_factory=dict)  # keyword arguments for the model's constructor
+    # Start from saved weights (fine-tuning): a .safetensors file or a torch.save'd state_dict, relative to
+    # the YAML file; read by the server only (clients receive the model in every round). null: random init.
+    weights: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _resolve_weights(self, info: ValidationInfo) -> "ModelConfig":
+        """A relative weights path is relative to the YAML file (existence is checked when the model is built)."""
+        if self.weights is not None:
+            if not self.weights.strip():
+                raise ConfigIssues([(("weights",), "model.weights is empty; give a file or null")])
+            base = Path((info.context or {}).get("base_dir") or ".")
+            self.weights = str((base / Path(self.weights).expanduser()).resolve())
+        return self
 
 
 class ServerOptimizerConfig(_Model):
@@ -402,6 +415,14 @@ class StrategyEntry(_Model):
     privacy: Optional[PrivacyConfig] = None  # null: no differential privacy
     train: Optional[TrainOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level train
     model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
+
+    @model_validator(mode="after")
+    def _shared_start(self) -> "StrategyEntry":
+        """Every strategy starts from the same weights: a comparison from different starts says nothing."""
+        if self.model is not None and getattr(self.model, "weights", None) is not None:
+            raise ConfigIssues([(("model", "weights"), "model.weights applies to the whole run (every strategy "
+                                 "starts from the same model); set it in the top-level model block")])
+        return self
 
     @model_validator(mode="after")
     def _run_wide_holdout(self) -> "StrategyEntry":

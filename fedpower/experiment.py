@@ -126,9 +126,18 @@ def client_indices(experiment: ExperimentConfig, partition_id: int) -> tuple[np.
                          partition_id=partition_id)
 
 
-def experiment_model(settings: StrategyConfig, dataset: Dataset) -> torch.nn.Module:
-    """The strategy's model, initialised identically on every end (seeded by the experiment seed)."""
+def experiment_model(settings: StrategyConfig, dataset: Dataset, pretrained: bool = True) -> torch.nn.Module:
+    """The strategy's model, initialised identically on every end (seeded by the experiment seed).
+
+    ``pretrained``: load ``model.weights`` when set (the server's starting model); clients pass False,
+    since every round's message carries the model they start from.
+    """
     # The CPU generator is what initialisation draws from (models are built on the CPU, then moved);
     # torch.manual_seed would also queue a lazy CUDA seeding that records a stack trace on every call.
     torch.default_generator.manual_seed(settings.seed)
-    return build_model(settings.model.name, dataset, **settings.model.options)
+    model = build_model(settings.model.name, dataset, **settings.model.options)
+    if pretrained and settings.model.weights is not None:
+        from fedpower.models.weights import apply_weights, load_weights
+
+        apply_weights(model, load_weights(settings.model.weights), settings.model.weights)
+    return model
