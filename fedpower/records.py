@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import logging
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
@@ -30,3 +32,12 @@ def tensors_to_arrays(tensors: Mapping[str, torch.Tensor | np.ndarray]) -> Array
         arr = t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
         out[name] = Array(np.ascontiguousarray(arr))
     return ArrayRecord(out)
+
+
+def half_precision(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The model rounded to float16 for the downlink, or None when a weight is beyond ±65504 (would arrive as inf)."""
+    half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in params.items()}
+    if all(bool(torch.isfinite(v).all()) for v in half.values() if v.is_floating_point()):
+        return half
+    logging.getLogger("fedpower.strategy").warning("model exceeds the float16 range; this round's downlink is fp32")
+    return None

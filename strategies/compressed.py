@@ -1,9 +1,8 @@
 """One Flower strategy for every compression method: Flower glue around :mod:`fedpower.round`.
 
-Subclasses Flower's ``FedAvg`` and overrides only ``configure_*``/``aggregate_*``: it turns the round's
-:class:`~fedpower.plan.RoundPlan` into messages, measures every message on the ledger, and hands the
-replies to :func:`fedpower.round.server_step` (Flower's own aggregation would average int8 factors
-as floats). Sampling, DP accounting and the server codec state live in ``fedpower/``.
+Overrides only ``FedAvg``'s ``configure_*``/``aggregate_*``: the round's :class:`~fedpower.plan.RoundPlan`
+becomes messages, every message is measured on the ledger, and replies go to
+:func:`fedpower.round.server_step` (Flower's aggregation would average int8 factors as floats).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from fedpower.codecs import layout_of
 from fedpower.config import StrategyConfig
 from fedpower.ledger import Ledger, Transfer
 from fedpower.plan import RoundPlan
-from fedpower.records import tensors_to_arrays
+from fedpower.records import half_precision, tensors_to_arrays
 from fedpower.round import NUM_EXAMPLES, Reply, RoundStats, server_step
 from fedpower.server_opt import ServerOptimizer
 from fedpower.server_state import ServerCodecState, init_server_state, packed_basis, plan_round, round_codec, sends_basis
@@ -32,8 +31,6 @@ from strategies.nodes import wait_until_online
 from strategies.wire import array_bytes, wire_bytes
 
 log = logging.getLogger("fedpower.strategy")
-
-__all__ = ["CompressedFedAvg", "RoundStats"]
 
 
 class CompressedFedAvg(FedAvg):
@@ -63,9 +60,8 @@ class CompressedFedAvg(FedAvg):
 
     def summary(self) -> None:
         """Log the strategy's settings."""
-        log.info("strategy %s: compression=%s", self.name, self.settings.compression.model_dump())
-        if self.privacy is not None:
-            log.info("strategy %s: %s", self.name, self.privacy.describe())
+        log.info("strategy %s: compression=%s; %s", self.name, self.settings.compression.model_dump(),
+                 "no DP" if self.privacy is None else self.privacy.describe())
 
     @property
     def epsilon(self) -> float | None:
@@ -99,26 +95,21 @@ class CompressedFedAvg(FedAvg):
         basis = self.codec_state.basis if sends_basis(self.settings.compression, plan) else None
         self._plans[server_round] = (plan, round_codec(self.settings.compression, plan, basis), cohort,
                                      time.perf_counter())
-        content = {"arrays": self._downlink_model(arrays, server_round), "config": ConfigRecord(plan.to_record())}
+        half = half_precision(self.params) if self.settings.compression.downlink.method == "fp16" else None
+        content = {"arrays": arrays if half is None else tensors_to_arrays(half),
+                   "config": ConfigRecord(plan.to_record())}
         if basis is not None:
             content["basis"] = ArrayRecord({"float32": Array(packed_basis(self.codec_state))})
-        record = RecordDict(content)
-        payload = sum(array_bytes(r) for r in record.values() if isinstance(r, ArrayRecord))
-        wire = wire_bytes(record)  # one record for every node: measured once
-        for partition in cohort:
-            self.ledger.record(Transfer(server_round, partition, "down", payload, wire, self.dense_bytes))
-        return [Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
+        return self._send(RecordDict(content), server_round, nodes, MessageType.TRAIN)
 
-    def _downlink_model(self, arrays: ArrayRecord, server_round: int) -> ArrayRecord:
-        """The model as sent: fp32, or fp16 with ``downlink.method: fp16`` while every weight fits float16."""
-        if self.settings.compression.downlink.method != "fp16":
-            return arrays
-        half = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in self.params.items()}
-        if all(bool(torch.isfinite(v).all()) for v in half.values() if v.is_floating_point()):
-            return tensors_to_arrays(half)
-        # A weight beyond ±65504 would reach the clients as inf: send this round in fp32.
-        log.warning("%s round %d: model exceeds the float16 range; downlink sent as fp32", self.name, server_round)
-        return arrays
+    def _send(self, record: RecordDict, server_round: int, nodes: list[int], kind: str) -> list[Message]:
+        """One message of ``record`` per node, each on the ledger (measured once: the record is the same)."""
+        payload = sum(array_bytes(r) for r in record.values() if isinstance(r, ArrayRecord))
+        wire = wire_bytes(record)
+        for node in nodes:
+            self.ledger.record(Transfer(server_round, self._partition(node), "down", payload, wire, self.dense_bytes,
+                                        "train" if kind == MessageType.TRAIN else "evaluate"))
+        return [Message(content=record, dst_node_id=node, message_type=kind) for node in nodes]
 
     def _to_reply(self, msg: Message, server_round: int) -> Reply:
         """A Flower reply as :class:`fedpower.round.Reply`, measured on the ledger when it carries content."""
@@ -186,14 +177,9 @@ class CompressedFedAvg(FedAvg):
         server_round += self.round_offset
         if not self.settings.train.federated_evaluation or self.halted():
             return []
-        plan = RoundPlan(strategy=self.name, round=server_round)
-        record = RecordDict({"arrays": arrays, "config": ConfigRecord(plan.to_record())})
-        nodes = self.sampler(server_round)
-        wire = wire_bytes(record)  # on the ledger as evaluation traffic: it is downlink the clients pay for
-        for node in nodes:
-            self.ledger.record(Transfer(server_round, self._partition(node), "down", array_bytes(arrays), wire,
-                                        self.dense_bytes, "evaluate"))
-        return [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE) for node in nodes]
+        # On the ledger as evaluation traffic: it is downlink the clients pay for.
+        record = RecordDict({"arrays": arrays, "config": ConfigRecord(RoundPlan(self.name, server_round).to_record())})
+        return self._send(record, server_round, self.sampler(server_round), MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Example-weighted mean of the clients' evaluation metrics."""

@@ -31,7 +31,8 @@ from fedpower.codecs import layout_of, pack
 from fedpower.ledger import Transfer
 from fedpower.results import RunResults
 from conftest import strategy_settings
-from strategies.compressed import CompressedFedAvg, RoundStats
+from fedpower.round import RoundStats
+from strategies.compressed import CompressedFedAvg
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {100 + p: p for p in range(5)}  # node id → partition
