@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Error, Message
 
-from fedpower.config import FailuresConfig
+from fedpower.config import FailuresConfig, as_section
 
 SIMULATED_FAILURE_CODE = 9001  # outside Flower's ErrorCode range (0–8)
 DROPOUT_REASON = "fedpower: simulated dropout"
@@ -50,7 +50,7 @@ def draw_failure(failures: FailuresConfig | Mapping[str, Any] | None, seed: int,
     """
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(server_round), int(partition), _STREAM]))
     u_drop, u_slow, exponential = rng.random(), rng.random(), rng.standard_exponential()
-    settings = failures if isinstance(failures, FailuresConfig) else FailuresConfig.model_validate(dict(failures or {}))
+    settings = as_section(FailuresConfig, failures)
     dropped = bool(u_drop < settings.dropout)
     slow = bool(u_slow < settings.straggler_fraction)
     delay = float(exponential * settings.straggler_delay_s) if slow else 0.0

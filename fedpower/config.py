@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Sequence, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, model_serializer, model_validator,
@@ -52,6 +52,7 @@ __all__ = [
     "StrategyEntry",
     "TrainConfig",
     "apply_override",
+    "as_section",
     "default_config_path",
     "load_config",
     "parse_config",
@@ -59,6 +60,18 @@ __all__ = [
 
 FILE_DATASETS = ("npz", "parquet", "csv")  # data sets read from data.path, which must exist
 _MODEL_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+
+
+Section = TypeVar("Section", bound=BaseModel)
+
+
+def as_section(section: type[Section], value: Section | Mapping[str, Any] | None) -> Section:
+    """``value`` as a validated ``section``: an instance as it is, a mapping (None: empty) through the schema.
+
+    For callers that also accept plain data (tests, results.json read back): defaults and errors are
+    then the schema's, never a second copy of them.
+    """
+    return value if isinstance(value, section) else section.model_validate(dict(value or {}))
 
 
 class _Model(BaseModel):

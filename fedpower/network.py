@@ -64,9 +64,9 @@ def resolve_link(name: str, custom: Mapping[str, Mapping[str, Any]] | None = Non
 
 def _typed(network: "NetworkConfig | Mapping[str, Any]") -> "NetworkConfig":
     """The ``network`` block through the schema (results.json holds it as plain data)."""
-    from fedpower.config import NetworkConfig
+    from fedpower.config import NetworkConfig, as_section
 
-    return network if isinstance(network, NetworkConfig) else NetworkConfig.model_validate(dict(network))
+    return as_section(NetworkConfig, network)
 
 
 def assign_links(num_clients: int, network: "NetworkConfig | Mapping[str, Any]", seed: int) -> list[Link]:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Mapping
 
 import torch
 
-from fedpower.config import CompressionConfig
+from fedpower.config import CompressionConfig, as_section
 from fedpower.codecs.base import Codec
 from fedpower.codecs.chain import Chain
 from fedpower.codecs.dense import Dense
@@ -35,9 +35,7 @@ METHODS = ("none", "fp16", "int8", "quantize", "topk", "powersgd")
 
 def as_compression(compression: CompressionConfig | Mapping[str, Any] | None) -> CompressionConfig:
     """Validated settings: a CompressionConfig as is, a mapping through the schema (its defaults, its errors)."""
-    if isinstance(compression, CompressionConfig):
-        return compression
-    return CompressionConfig.model_validate(dict(compression or {}))
+    return as_section(CompressionConfig, compression)
 
 
 def is_shared(compression: CompressionConfig | Mapping[str, Any]) -> bool:

@@ -40,9 +40,9 @@ class ClientPrivacy:
 
 def _typed(privacy: "PrivacyConfig | Mapping[str, Any]") -> "PrivacyConfig":
     """The privacy block through the schema (a mapping is validated, a PrivacyConfig taken as is)."""
-    from fedpower.config import PrivacyConfig
+    from fedpower.config import PrivacyConfig, as_section
 
-    return privacy if isinstance(privacy, PrivacyConfig) else PrivacyConfig.model_validate(dict(privacy))
+    return as_section(PrivacyConfig, privacy)
 
 
 def local_noise_multiplier(privacy: "PrivacyConfig | Mapping[str, Any]", calibrated: Callable[[], float],

@@ -138,10 +138,9 @@ def make_plan(
     every round is assumed to include every client. Raises BudgetExceeded for ``on_budget_exceeded:
     error`` when the planned rounds would exceed the budget, ValueError on settings it cannot analyse.
     """
-    from fedpower.config import PrivacyConfig
+    from fedpower.config import PrivacyConfig, as_section
 
-    if not isinstance(privacy, PrivacyConfig):
-        privacy = PrivacyConfig.model_validate(dict(privacy))
+    privacy = as_section(PrivacyConfig, privacy)
     mode, sampling, method, delta = privacy.mode, privacy.sampling, privacy.accountant, privacy.delta
     target = privacy.target_epsilon
     settings: dict[str, Any] = {"method": method}
