@@ -430,19 +430,14 @@ class StrategyEntry(_Model):
     model: Optional[ModelOverride] = None  # type: ignore[valid-type]  # keys replacing the top-level model
 
     @model_validator(mode="after")
-    def _shared_start(self) -> "StrategyEntry":
-        """Every strategy starts from the same weights: a comparison from different starts says nothing."""
-        if self.model is not None and getattr(self.model, "weights", None) is not None:
-            raise ConfigIssues([(("model", "weights"), "model.weights applies to the whole run (every strategy "
-                                 "starts from the same model); set it in the top-level model block")])
-        return self
-
-    @model_validator(mode="after")
-    def _run_wide_holdout(self) -> "StrategyEntry":
-        """The federated-evaluation holdout is one split for the run, so that every strategy trains on the same data."""
-        if self.train is not None and getattr(self.train, "federated_holdout", None) is not None:
-            raise ConfigIssues([(("train", "federated_holdout"), "federated_holdout applies to the whole run (every "
-                                 "strategy trains on the same examples); set it in the top-level train block")])
+    def _run_wide_keys(self) -> "StrategyEntry":
+        """Keys that must be the same for every strategy of a run, or the comparison says nothing."""
+        run_wide = ((("model", "weights"), "every strategy starts from the same model"),
+                    (("train", "federated_holdout"), "every strategy trains on the same examples"))
+        for (section, key), why in run_wide:
+            if getattr(getattr(self, section), key, None) is not None:
+                raise ConfigIssues([((section, key), f"{section}.{key} applies to the whole run ({why}); set it in "
+                                     f"the top-level {section} block")])
         return self
 
 
