@@ -65,6 +65,14 @@ _MODEL_NAME = r"^[A-Za-z_][A-Za-z0-9_-]*$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-
 Section = TypeVar("Section", bound=BaseModel)
 
 
+def _relative_to_yaml(path: str, info: ValidationInfo, key: str, if_blank: str) -> str:
+    """``path`` resolved against the YAML file's folder (the validation context's base_dir); ConfigIssues if blank."""
+    if not path.strip():
+        raise ConfigIssues([((key,), if_blank)])
+    base = Path((info.context or {}).get("base_dir") or ".")
+    return str((base / Path(path).expanduser()).resolve())
+
+
 def as_section(section: type[Section], value: Section | Mapping[str, Any] | None) -> Section:
     """``value`` as a validated ``section``: an instance as it is, a mapping (None: empty) through the schema.
 
@@ -139,10 +147,7 @@ class ModelConfig(_Model):
     def _resolve_weights(self, info: ValidationInfo) -> "ModelConfig":
         """A relative weights path is relative to the YAML file (existence is checked when the model is built)."""
         if self.weights is not None:
-            if not self.weights.strip():
-                raise ConfigIssues([(("weights",), "model.weights is empty; give a file or null")])
-            base = Path((info.context or {}).get("base_dir") or ".")
-            self.weights = str((base / Path(self.weights).expanduser()).resolve())
+            self.weights = _relative_to_yaml(self.weights, info, "weights", "model.weights is empty; give a file or null")
         return self
 
 
@@ -281,10 +286,7 @@ class ClientStateConfig(_Model):
             raise ConfigIssues([(("dir",), "client_state.dir is set but client_state.store is 'memory'; set "
                                  "store: disk to keep client state in that folder, or remove dir")])
         if self.dir is not None:
-            if not self.dir.strip():
-                raise ConfigIssues([(("dir",), "client_state.dir is empty; give a folder or null")])
-            base = Path((info.context or {}).get("base_dir") or ".")
-            self.dir = str((base / Path(self.dir).expanduser()).resolve())
+            self.dir = _relative_to_yaml(self.dir, info, "dir", "client_state.dir is empty; give a folder or null")
         return self
 
 
