@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Engines side by side: ``run.py`` end to end on the in-process engine and on Flower's Ray engine.
 
-Runs the same config (default: the quickstart, what ``make run`` runs) as a user would — a fresh
+Runs the same config (default: the quickstart, what ``make run`` runs, plots included) as a user would — a fresh
 ``python run.py CONFIG --set simulation.engine=...`` process per run — alternating the engines so both
 see the same machine load, and checks that both produce the same results (final accuracy and uplink
 bytes per strategy). Wall time includes interpreter start, imports, data generation, all rounds and
@@ -43,7 +43,7 @@ def load_average() -> float:
 
 def run_once(config: Path, engine: str, overrides: list[str], out_dir: Path) -> dict[str, Any]:
     """One ``run.py`` process on ``engine``: wall seconds and the per-strategy finals it wrote."""
-    cmd = [sys.executable, str(ROOT / "run.py"), str(config), "--out", str(out_dir), "--no-plots",
+    cmd = [sys.executable, str(ROOT / "run.py"), str(config), "--out", str(out_dir),  # plots included, as make run
            "--set", f"simulation.engine={engine}", *[a for o in overrides for a in ("--set", o)]]
     env = dict(os.environ, FLWR_HOME=str(out_dir / "flwr-home"))
     load_before = load_average()
