@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 import traceback
 from typing import Any, Callable, Iterable, Mapping
 from uuid import uuid4
@@ -47,10 +46,10 @@ def transport(message: Message) -> Message:
     the containers are copied; the cost does not grow with the model. Flower's serialization of
     every train and evaluate message is measured by the strategy for the ledger.
     """
-    copied = Message(metadata=copy.copy(message.metadata),
-                     content=RecordDict({key: _copy_record(rec) for key, rec in message.content.items()})) \
-        if message.has_content() else Message(metadata=copy.copy(message.metadata), error=message.error)
-    return copied
+    metadata = copy.copy(message.metadata)
+    if not message.has_content():
+        return Message(metadata=metadata, error=message.error)
+    return Message(metadata=metadata, content=RecordDict({key: _copy_record(r) for key, r in message.content.items()}))
 
 
 class InProcessGrid(Grid):
@@ -69,8 +68,6 @@ class InProcessGrid(Grid):
                           state=RecordDict(), run_config=dict(run_config or {}))
             for node, p in self._partition_of.items()}
         self._replies: dict[str, Message] = {}
-        self.client_seconds = 0.0  # time spent inside the ClientApp (the work), for the engine benchmark
-        self.transport_seconds = 0.0  # time spent serializing messages both ways
 
     # -- Grid interface -----------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
@@ -118,11 +115,8 @@ class InProcessGrid(Grid):
 
     def _deliver(self, message: Message) -> Message:
         """Run the ClientApp on a transported copy of ``message``; a raised exception becomes an error reply."""
-        started = time.perf_counter()
         received = transport(message)
-        self.transport_seconds += time.perf_counter() - started
         context = self._contexts[message.metadata.dst_node_id]
-        started = time.perf_counter()
         try:
             reply = self.client_app(received, context)
         except Exception as err:  # noqa: BLE001 — Flower too turns a ClientApp exception into an error reply
@@ -130,9 +124,5 @@ class InProcessGrid(Grid):
                       self._partition_of[message.metadata.dst_node_id], err, traceback.format_exc())
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
                                   reason=f"{type(err)}:<'{err}'>"), reply_to=received)
-        self.client_seconds += time.perf_counter() - started
-        started = time.perf_counter()
         reply.metadata.__dict__["_message_id"] = str(uuid4())
-        reply = transport(reply)
-        self.transport_seconds += time.perf_counter() - started
-        return reply
+        return transport(reply)

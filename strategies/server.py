@@ -98,7 +98,8 @@ def _check_budgets(fleet: "_Fleet") -> None:
         if settings.compression.budget_bytes_per_round is None:
             continue
         try:
-            ranks_for(settings.compression, layout_of(get_params(experiment_model(settings, fleet.dataset))))
+            shapes = layout_of(get_params(experiment_model(settings, fleet.dataset, pretrained=False)))
+            ranks_for(settings.compression, shapes)
         except ValueError as err:
             raise ValueError(f"strategy {settings.name}: {err}") from None
 
@@ -164,7 +165,7 @@ class _RoundCloser:
         self.fleet, self.index, self.strategy, self.result = fleet, index, strategy, result
         self.results, self.pending, self.observer = results, pending, observer
         self.settings = fleet.settings[index]
-        self.model = experiment_model(self.settings, fleet.dataset)
+        self.model = experiment_model(self.settings, fleet.dataset, pretrained=False)  # gets each round's params
 
     def _evaluate(self, server_round: int, arrays: ArrayRecord) -> tuple[float, float]:
         """(loss, accuracy) on the held-out test set, or NaNs in rounds that skip evaluation."""
