@@ -310,7 +310,7 @@ class CompressionConfig(_Model):
     deflation: bool = False  # powersgd independent: fit rank-1 components one after another
     min_compression_rate: float = Field(2.0, ge=1)  # tensors saving less go through the fallback codec
     quantize_bits: Optional[Literal[2, 4, 8, 16]] = None  # quantize the payload (powersgd factors, topk values)
-    quantize_scheme: Literal["stochastic", "log"] = "stochastic"  # log needs 8 or 4 bits
+    quantize_scheme: Literal["stochastic", "nearest", "log"] = "stochastic"  # nearest: for error feedback; log: 8/4 bits
     block_size: int = Field(128, ge=8)  # values sharing one quantization scale
     entropy_coding: Literal["none", "zlib"] = "none"  # lossless deflate of the packed payload (pays for int4/int2)
     ratio: float = Field(0.01, gt=0, le=1)  # topk: share of entries sent

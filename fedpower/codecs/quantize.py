@@ -1,4 +1,4 @@
-"""Quantization codec: fp16 cast, unbiased stochastic int8/int4/int2, and log (power-of-two) quantization.
+"""Quantization codec: fp16 cast, stochastic or nearest int8/int4/int2, and log (power-of-two) quantization.
 
 Wire format for a float32 input array ``name`` (any shape, 0-d included):
 
@@ -18,12 +18,17 @@ Wire format for a float32 input array ``name`` (any shape, 0-d included):
   float16, and ``c`` the stochastic rounding of ``x / scale`` (up with probability equal to the
   fractional part), so ``E[x̂] = x``.
 
+  *scheme="nearest"*: the same grid, scales and decoding as "stochastic", but ``c`` is ``x / scale``
+  rounded to the nearest integer, so ``|x̂ - x| <= scale / 2``: biased per value, with half the mean
+  squared error of stochastic rounding. Meant for use under error feedback, which carries the
+  rounding error into the next round instead of relying on it averaging out.
+
   *scheme="log"* (bits 8/4): ``x̂ = sign(c) · scale · 2**(|c| - Q)`` for ``c != 0`` and 0 for ``c == 0``:
   magnitude levels ``scale · 2**-k``, k = 0..Q-1, with ``scale = max|x|`` rounded up to float16.
   ``|x| / scale`` is rounded to one of its two neighbouring levels with the probabilities that make it
   unbiased; below the smallest level ``2**-(Q-1)`` it is rounded to that level or to 0, unbiased too.
 
-Only finite blocks with ``max|x|`` above ``65504 · Q`` (stochastic) or ``65504`` (log) lose
+Only finite blocks with ``max|x|`` above ``65504 · Q`` (stochastic, nearest) or ``65504`` (log) lose
 unbiasedness: their scale saturates at the float16 maximum and values are clipped. A block holding NaN
 or Inf gets a NaN scale, so its payload is rejected by ``decode`` (as with the other codecs, where the
 non-finite values travel as they are). Arrays that are not float32 (e.g. int32 top-k indices) pass
@@ -44,7 +49,8 @@ from fedpower.codecs.base import (
 )
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
-_SCHEMES = ("stochastic", "log")
+_SCHEMES = ("stochastic", "nearest", "log")
+_UNIFORM_GRID = ("stochastic", "nearest")  # schemes whose levels are c · scale
 
 
 @dataclass(frozen=True)
@@ -106,7 +112,7 @@ class Quantize(Codec):
     """Quantize every float32 array (fp16 cast, or 8/4/2-bit codes with per-block fp16 scales)."""
 
     bits: int = 8  # 16 (plain fp16 cast), 8, 4 or 2 bits per value
-    scheme: str = "stochastic"  # "stochastic" (uniform grid) or "log" (powers of two, bits 8/4); unused at 16
+    scheme: str = "stochastic"  # "stochastic"/"nearest" (uniform grid) or "log" (powers of two, bits 8/4); unused at 16
     block_size: int = 128  # values sharing one scale (along each column of a 2-D array)
 
     def __post_init__(self) -> None:
@@ -177,10 +183,13 @@ class Quantize(Codec):
         cols = grid.columns(x)
         top = self.top_level
         block_max = grid.block_abs_max(cols)
-        scale = _round_up_to_fp16(block_max / top if self.scheme == "stochastic" else block_max)
+        scale = _round_up_to_fp16(block_max / top if self.scheme in _UNIFORM_GRID else block_max)
         # Quantize against exactly the fp16 scale the decoder will use, so E[decode] == x.
         s = grid.per_element(scale.float())
         ratio = torch.where(s > 0, cols / s, torch.zeros((), device=x.device))  # zero / NaN-scale blocks -> 0
+        if self.scheme == "nearest":
+            codes = ratio.clamp(-top, top).round()
+            return codes.reshape(-1).to(torch.int8), scale.reshape(-1)
         uniform = _uniform(tuple(cols.shape), generator, x.device)
         if self.scheme == "stochastic":
             # Clamping only absorbs the last-ulp excess of |x|/scale over Q from fp32 division.
@@ -245,7 +254,7 @@ class Quantize(Codec):
             raise PayloadError(f"{name}.q: code outside [-{top}, {top}]")
         c = codes.reshape(grid.groups, grid.per_group)
         s = grid.per_element(scale.reshape(grid.groups, grid.blocks_per_group).float())
-        if self.scheme == "stochastic":
+        if self.scheme in _UNIFORM_GRID:
             values = c.float() * s
         else:
             magnitude = torch.ldexp(s, c.abs() - top)
