@@ -4,11 +4,15 @@ Runs ``run.py`` for every (config, seed) pair — optionally only some strategie
 ``results/parity/<experiment>/<strategy-group>/seed<S>/`` (skipping runs that already finished, so an
 interrupted benchmark continues), then reads every results.json and prints, per task, each strategy's
 final accuracy (mean of the last 10 rounds, mean ± std over seeds), its uplink reduction against dense
-fp32 (wire bytes), the gap to the best dense baseline, and rounds / uplink bytes to a target accuracy.
+fp32 (wire bytes), the gap to the best dense baseline, and rounds / uplink bytes to two targets: 95 %
+of the best dense baseline's final accuracy, and that final accuracy minus 1 pp (the bytes-to-target
+of issue #17, with its ratio to the best dense baseline's own bytes to that target).
+``--runs`` and ``--name`` keep one study's runs and outputs apart from another's.
 
     .venv/bin/python benchmarks/parity.py run configs/parity_mlp.yaml --seeds 0 1 2
     .venv/bin/python benchmarks/parity.py run configs/parity_mlp.yaml --seeds 0 --only fedavgm,powersgd-r8-int4
     .venv/bin/python benchmarks/parity.py report       # tables + benchmarks/results/parity.{json,png}
+    .venv/bin/python benchmarks/parity.py --runs results/parity17 --name parity17 report
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ LAST = 10  # rounds averaged for the "final" accuracy: one round's accuracy move
 DENSE = ("none", "fp16")  # methods counted as dense baselines
 
 
-def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | None) -> None:
+def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | None, runs: Path = RUNS) -> None:
     """run.py once per seed (strategies filtered by ``only``) unless that run already finished."""
     document = yaml.safe_load(config.read_text())
     if only:
@@ -44,7 +48,7 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
         document["strategies"] = [s for s in document["strategies"] if s["name"] in only]
     group = "+".join(only) if only else "all"
     for seed in seeds:
-        out = RUNS / document["experiment"] / group / f"seed{seed}"
+        out = runs / document["experiment"] / group / f"seed{seed}"
         if (out / "results.json").is_file() and all(
                 s.get("completed") for s in json.loads((out / "results.json").read_text())["strategies"]):
             print(f"skip {out} (finished)")
@@ -52,7 +56,7 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
         out.mkdir(parents=True, exist_ok=True)
         path = out / "experiment.yaml"
         path.write_text(yaml.safe_dump({**document, "seed": seed}, sort_keys=False))
-        args = [sys.executable, str(ROOT / "run.py"), str(path), "--out", str(out)]
+        args = [sys.executable, str(ROOT / "run.py"), str(path), "--out", str(out), "--no-plots"]
         if rounds:
             args += ["--set", f"train.rounds={rounds}"]
         started = time.time()
@@ -63,10 +67,10 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
         print(f"  done in {time.time() - started:.0f} s", flush=True)
 
 
-def collect() -> dict[str, dict[str, list[dict[str, Any]]]]:
+def collect(runs: Path = RUNS) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """experiment → strategy → one entry per seed (rounds, final, compression)."""
     found: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for path in sorted(RUNS.glob("*/*/seed*/results.json")):
+    for path in sorted(runs.glob("*/*/seed*/results.json")):
         results = json.loads(path.read_text())
         by_name = {s["name"]: s for s in results["config"]["strategies"]}
         for strategy in results["strategies"]:
@@ -121,15 +125,22 @@ def summarize(found: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, An
         dense_rows = {n: r for n, r in rows.items() if r["method"] in DENSE}
         best = max(dense_rows, key=lambda n: dense_rows[n]["final_mean"]) if dense_rows else None
         target = 0.95 * rows[best]["final_mean"] if best else None
+        near = rows[best]["final_mean"] - 0.01 if best else None  # issue #17: best dense final − 1 pp
         for name, row in rows.items():
             row["gap_pp"] = 100 * (row["final_mean"] - rows[best]["final_mean"]) if best else None
-            reached = [_to_target(e, target) for e in strategies[name]] if target else []
-            rounds_ = [r for r, _ in reached if r is not None]
-            row["reached"] = f"{len(rounds_)}/{len(reached)}"
-            row["rounds_to_target"] = statistics.mean(rounds_) if len(rounds_) == len(reached) and reached else None
-            bytes_ = [b for _, b in reached if b is not None]
-            row["uplink_to_target"] = statistics.mean(bytes_) if len(bytes_) == len(reached) and reached else None
-        out[experiment] = {"best_dense": best, "target": target, "strategies": rows}
+            for key, goal in (("", target), ("_near", near)):
+                reached = [_to_target(e, goal) for e in strategies[name]] if goal else []
+                rounds_ = [r for r, _ in reached if r is not None]
+                complete = len(rounds_) == len(reached) and bool(reached)
+                row["reached" + key] = f"{len(rounds_)}/{len(reached)}"
+                row["rounds_to_target" + key] = statistics.mean(rounds_) if complete else None
+                bytes_ = [b for _, b in reached if b is not None]
+                row["uplink_to_target" + key] = statistics.mean(bytes_) if complete else None
+        base = rows[best]["uplink_to_target_near"] if best else None
+        for row in rows.values():
+            mine = row["uplink_to_target_near"]
+            row["bytes_to_target_near_ratio"] = base / mine if base and mine else None
+        out[experiment] = {"best_dense": best, "target": target, "target_near": near, "strategies": rows}
     return out
 
 
@@ -141,17 +152,28 @@ def markdown(summary: dict[str, Any]) -> str:
         parts.append(f"**{experiment}** — best dense baseline: {block['best_dense']}; target "
                      f"{100 * target:.1f} % (95 % of it)" if target else f"**{experiment}**")
         parts.append("")
+        near = block.get("target_near")
+        if near:
+            parts.append(f"Second target (bytes-to-target): {100 * near:.1f} % (best dense final − 1 pp).")
+        parts.append("")
         parts.append("| strategy | server optimizer | seeds | final acc % (last 10, mean ± std) | Δ vs best dense (pp) "
-                     "| uplink reduction (wire) | uplink / round | rounds to target | uplink to target |")
-        parts.append("|---|---|---|---|---|---|---|---|---|")
+                     "| uplink reduction (wire) | uplink / round | rounds to target | uplink to target "
+                     "| uplink to best − 1 pp | fewer bytes than best dense |")
+        parts.append("|---|---|---|---|---|---|---|---|---|---|---|")
         ordered = sorted(block["strategies"].items(), key=lambda kv: -kv[1]["final_mean"])
         for name, row in ordered:
             gap = "–" if row["gap_pp"] is None else f"{row['gap_pp']:+.1f}"
             rounds_ = "not reached" if row["rounds_to_target"] is None else f"{row['rounds_to_target']:.0f}"
             to_bytes = "–" if row["uplink_to_target"] is None else f"{row['uplink_to_target'] / 1e6:.2f} MB"
+            near_bytes = row.get("uplink_to_target_near")
+            near_text = (f"not reached ({row['reached_near']})" if near_bytes is None
+                         else f"{near_bytes / 1e6:.2f} MB ({row['reached_near']})")
+            ratio = row.get("bytes_to_target_near_ratio")
+            ratio_text = "–" if ratio is None else f"{ratio:.0f}×"
             parts.append(f"| {name} | {row['server_optimizer']} | {len(row['seeds'])} | {100 * row['final_mean']:.1f} ± "
                          f"{100 * row['final_std']:.1f} | {gap} | {row['reduction']:.1f}× | "
-                         f"{row['uplink_per_round'] / 1e3:.1f} kB | {rounds_} ({row['reached']}) | {to_bytes} |")
+                         f"{row['uplink_per_round'] / 1e3:.1f} kB | {rounds_} ({row['reached']}) | {to_bytes} "
+                         f"| {near_text} | {ratio_text} |")
         parts.append("")
     return "\n".join(parts)
 
@@ -188,6 +210,8 @@ def plot(found: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """``run`` a config over seeds, or ``report`` everything found under results/parity."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=Path, default=RUNS, help=f"run folders (default {RUNS})")
+    parser.add_argument("--name", default="parity", help="output name: benchmarks/results/<name>.{json,png}")
     sub = parser.add_subparsers(dest="command", required=True)
     one = sub.add_parser("run", help="run a config for some seeds")
     one.add_argument("config", type=Path)
@@ -197,18 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("report", help="tables and plot from every finished run")
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.config, args.seeds, args.only.split(",") if args.only else None, args.rounds)
+        run(args.config, args.seeds, args.only.split(",") if args.only else None, args.rounds, args.runs)
         return 0
-    found = collect()
+    found = collect(args.runs)
     if not found:
-        print(f"no finished runs under {RUNS}", file=sys.stderr)
+        print(f"no finished runs under {args.runs}", file=sys.stderr)
         return 2
     summary = summarize(found)
     print(markdown(summary))
     out = ROOT / "benchmarks" / "results"
-    write_json({"summary": summary, "last_rounds_averaged": LAST, "machine": machine_info()}, out / "parity.json")
-    plot(found, out / "parity.png")
-    print(f"saved {out / 'parity.json'} and {out / 'parity.png'}")
+    write_json({"summary": summary, "last_rounds_averaged": LAST, "machine": machine_info()}, out / f"{args.name}.json")
+    plot(found, out / f"{args.name}.png")
+    print(f"saved {out / f'{args.name}.json'} and {out / f'{args.name}.png'}")
     return 0
 
 
