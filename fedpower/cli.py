@@ -119,11 +119,11 @@ def dense_summary(experiment: ExperimentConfig) -> dict[str, Any]:
         out[settings.name] = {"parameters": numel, "dense_fp32_bytes_per_client": 4 * numel,
                               "clients_per_round": settings.clients_per_round,
                               "dense_uplink_bytes_per_round": 4 * numel * settings.clients_per_round}
-        if settings.compression.budget_bytes_per_round is not None:  # needs the model's shapes, so checked here
+        if settings.compression.uses_budget:  # needs the model's shapes, so checked here
             try:
                 out[settings.name]["first_ranks"] = ranks_for(settings.compression, layout_of(params))
             except ValueError as err:
-                raise ConfigError(f"strategies.{settings.name}.compression.budget_bytes_per_round: {err}") from None
+                raise ConfigError(f"strategies.{settings.name}.compression (byte budget): {err}") from None
     return out
 
 

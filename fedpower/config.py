@@ -321,7 +321,15 @@ class CompressionConfig(_Model):
     # powersgd independent: bytes of one client's payload per round; the server picks each matrix's rank
     # (uniform in round 1, then by energy per byte from the spectra of recent aggregates); null: fixed rank
     budget_bytes_per_round: Optional[float] = Field(None, gt=0)
+    # powersgd independent: the same, sized from the model instead: dense fp32 bytes of the update / this
+    # (e.g. 100: each payload ≤ 1 % of dense fp32, before entropy coding and Flower's framing)
+    budget_reduction: Optional[float] = Field(None, gt=1)
     downlink: DownlinkConfig = Field(default_factory=DownlinkConfig)
+
+    @property
+    def uses_budget(self) -> bool:
+        """Whether ranks come from a byte budget (given in bytes or as a reduction) instead of ``rank``."""
+        return self.budget_bytes_per_round is not None or self.budget_reduction is not None
 
     @property
     def effective_bits(self) -> Optional[int]:
@@ -341,9 +349,13 @@ class CompressionConfig(_Model):
         if self.basis_power_steps > 1 and self.basis_memory == 0:
             issues.append((("basis_power_steps",), "basis_power_steps iterates on the server's update memory; set "
                            "basis_memory > 0 (e.g. 0.9) or basis_power_steps: 1"))
-        if self.budget_bytes_per_round is not None and not (self.method == "powersgd" and self.mode == "independent"):
-            issues.append((("budget_bytes_per_round",), "budget_bytes_per_round applies to method 'powersgd' with "
-                           "mode 'independent' (per-matrix ranks); remove it or use that method and mode"))
+        for key in ("budget_bytes_per_round", "budget_reduction"):
+            if getattr(self, key) is not None and not (self.method == "powersgd" and self.mode == "independent"):
+                issues.append(((key,), f"{key} applies to method 'powersgd' with mode 'independent' (per-matrix "
+                               "ranks); remove it or use that method and mode"))
+        if self.budget_bytes_per_round is not None and self.budget_reduction is not None:
+            issues.append((("budget_reduction",), "give the byte budget once: budget_bytes_per_round (bytes) or "
+                           "budget_reduction (dense fp32 bytes / this), not both"))
         if self.quantize_bits is not None and self.method in ("none", "fp16", "int8"):
             dense = {"none": "no compression", "fp16": "dense fp16", "int8": "dense int8"}[self.method]
             issues.append((("quantize_bits",), f"method '{self.method}' means {dense}; quantize_bits applies to "

@@ -47,7 +47,7 @@ def init_server_state(compression: CompressionConfig, inputs: Mapping[str, Array
     """The state before round 1: a seeded basis (shared mode), uniform ranks (byte budget)."""
     basis = init_basis(inputs, compression.rank, compression.min_compression_rate, seed) if is_shared(compression) \
         else None
-    ranks = ranks_for(compression, inputs) if compression.budget_bytes_per_round is not None else None
+    ranks = ranks_for(compression, inputs) if compression.uses_budget else None
     return ServerCodecState(basis=basis, ranks=ranks)
 
 

@@ -95,7 +95,7 @@ def run_strategies(grid: Grid, experiment: ExperimentConfig | Mapping[str, Any],
 def _check_budgets(fleet: "_Fleet") -> None:
     """ValueError naming the strategy when a byte budget is below its model's smallest message."""
     for settings in fleet.settings:
-        if settings.compression.budget_bytes_per_round is None:
+        if not settings.compression.uses_budget:
             continue
         try:
             shapes = layout_of(get_params(experiment_model(settings, fleet.dataset, pretrained=False)))

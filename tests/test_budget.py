@@ -164,3 +164,24 @@ def test_server_and_client_agree_on_ranks_each_round() -> None:
     assert history[1]["fc1.weight"] < history[0]["fc1.weight"]
     arrays_state, meta = strategy.state_dict()
     assert meta["ranks"] == strategy.codec_state.ranks and set(meta["energy"]) == set(strategy.codec_state.ranks)
+
+
+def test_budget_reduction_sizes_the_budget_from_the_model(tmp_path: Any) -> None:
+    """budget_reduction R gives the same ranks as budget_bytes_per_round = dense fp32 bytes / R; both at once is refused."""
+    from fedpower.codecs.budget import budget_bytes, ranks_for
+    from fedpower.config import CompressionConfig, ConfigError, load_config
+
+    dense = 4 * sum(spec.numel for spec in MLP.values())
+    by_ratio = CompressionConfig(method="powersgd", quantize_bits=4, budget_reduction=100)
+    by_bytes = CompressionConfig(method="powersgd", quantize_bits=4, budget_bytes_per_round=dense / 100)
+    assert by_ratio.uses_budget and not CompressionConfig(method="powersgd").uses_budget
+    assert budget_bytes(by_ratio, MLP) == pytest.approx(dense / 100)
+    assert ranks_for(by_ratio, MLP) == ranks_for(by_bytes, MLP)
+    assert message_bytes(MLP, ranks_for(by_ratio, MLP), bits=4) <= dense / 100
+    assert sum(ranks_for(CompressionConfig(method="powersgd", quantize_bits=4, budget_reduction=50), MLP).values()) \
+        > sum(ranks_for(by_ratio, MLP).values())
+    for extra in ("budget_bytes_per_round: 9000, budget_reduction: 100", "mode: shared, budget_reduction: 100"):
+        path = tmp_path / "x.yaml"
+        path.write_text(f"strategies: [{{name: s, compression: {{method: powersgd, {extra}}}}}]\n")
+        with pytest.raises(ConfigError, match="budget_reduction"):
+            load_config(path)

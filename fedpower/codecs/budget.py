@@ -78,7 +78,7 @@ def allocate_ranks(
     candidates = _candidates(inputs, min_compression_rate)
     floor = minimum_budget(inputs, bits=bits, block_size=block_size, min_compression_rate=min_compression_rate)
     if budget_bytes < floor:
-        raise ValueError(f"budget_bytes_per_round {budget_bytes:.0f} B is below the smallest message, "
+        raise ValueError(f"the byte budget, {budget_bytes:.0f} B, is below the smallest message, "
                          f"{floor:.0f} B (rank 1 for every matrix plus the dense tensors)")
     ranks = {name: 1 for name in candidates}
     left = budget_bytes - floor
@@ -116,15 +116,22 @@ def allocate_ranks(
     return ranks
 
 
+def budget_bytes(compression: "CompressionConfig", inputs: Mapping[str, ArraySpec]) -> float:
+    """One client's payload budget in bytes: ``budget_bytes_per_round``, or dense fp32 bytes / ``budget_reduction``."""
+    if compression.budget_bytes_per_round is not None:
+        return float(compression.budget_bytes_per_round)
+    if compression.budget_reduction is None:
+        raise ValueError("no byte budget: set compression.budget_bytes_per_round or budget_reduction")
+    return sum(4 * math.prod(spec.shape) for spec in inputs.values()) / compression.budget_reduction
+
+
 def ranks_for(compression: "CompressionConfig | Mapping[str, object]", inputs: Mapping[str, ArraySpec],
               energy: Mapping[str, Sequence[float]] | None = None) -> dict[str, int]:
     """:func:`allocate_ranks` with the budget, bits, block size and rate of a strategy's ``compression``."""
     from fedpower.codecs.factory import as_compression  # the factory imports this module's sizes
 
     settings = as_compression(compression)
-    if settings.budget_bytes_per_round is None:
-        raise ValueError("ranks_for needs compression.budget_bytes_per_round")
-    return allocate_ranks(inputs, settings.budget_bytes_per_round, bits=settings.quantize_bits,
+    return allocate_ranks(inputs, budget_bytes(settings, inputs), bits=settings.quantize_bits,
                           block_size=settings.block_size, min_compression_rate=settings.min_compression_rate,
                           energy=energy)
 
