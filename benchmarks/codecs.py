@@ -185,13 +185,15 @@ def settings() -> list[Setting]:
     for rank in (1, 2, 4, 8):
         for iters in (1, 2):
             for bits in (None, 8):
-                cfg: dict[str, Any] = {"method": "powersgd", "rank": rank, "power_iterations": iters}
+                cfg: dict[str, Any] = {"method": "powersgd", "rank": rank, "power_iterations": iters,
+                                       "quantize_bits": None, "entropy_coding": "none"}  # as measured
                 label = f"PowerSGD r{rank} it{iters}"
                 if bits:
                     cfg["quantize_bits"] = bits
                     label += " int8"
                 out.append(Setting(label, cfg, rank))
-    out.append(Setting("PowerSGD r4 it1 deflation", {"method": "powersgd", "rank": 4, "deflation": True}, 4))
+    out.append(Setting("PowerSGD r4 it1 deflation", {"method": "powersgd", "rank": 4, "deflation": True,
+                                                         "quantize_bits": None, "entropy_coding": "none"}, 4))
     return out
 
 
@@ -376,7 +378,8 @@ def bench_hook(device: torch.device, quick: bool, size: int = 1000) -> dict[str,
     repeats = 11 if quick else 51
     rows = []
     for rank in (1, 2, 4, 8):
-        codec = build_codec({"method": "powersgd", "rank": rank, "power_iterations": 1, "error_feedback": False})
+        codec = build_codec({"method": "powersgd", "rank": rank, "power_iterations": 1, "error_feedback": False,
+                             "quantize_bits": None, "entropy_coding": "none"})
         tensors = {"w": matrix}
         state = codec.init_state(layout_of(tensors), device, SEED)
         m3 = matrix.unsqueeze(0)  # the hook's batch of one is a view, no copy

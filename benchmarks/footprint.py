@@ -47,9 +47,10 @@ STRATEGIES = [
     {"name": "fedavg"},
     {"name": "powersgd-r4-int8",
      "compression": {"method": "powersgd", "mode": "independent", "rank": 4, "power_iterations": 2,
-                     "quantize_bits": 8, "error_feedback": True}},
+                     "quantize_bits": 8, "error_feedback": True, "entropy_coding": "none"}},
     {"name": "powersgd-shared-r4-int8",
-     "compression": {"method": "powersgd", "mode": "shared", "rank": 4, "quantize_bits": 8, "error_feedback": True}},
+     "compression": {"method": "powersgd", "mode": "shared", "rank": 4, "quantize_bits": 8, "error_feedback": True,
+                                             "entropy_coding": "none"}},
 ]
 
 

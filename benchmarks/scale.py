@@ -56,7 +56,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 #: hidden width of a 2-hidden-layer MLP on mnist1d (40 → h → h → 10: h² + 52h + 10 parameters)
 MLP_WIDTHS = {"100k": 292, "1m": 974, "10m": 3136}
 POWERSGD = {"method": "powersgd", "mode": "independent", "rank": 4, "power_iterations": 2, "quantize_bits": 8,
-            "error_feedback": True}
+            "error_feedback": True, "entropy_coding": "none"}
 STRATEGIES = [{"name": "fedavg", "compression": {"method": "none"}}, {"name": "powersgd", "compression": POWERSGD}]
 TARGET_OVERHEAD = 1.5
 TARGET_RSS_GB = 4.0

@@ -309,10 +309,10 @@ class CompressionConfig(_Model):
     power_iterations: int = Field(4, ge=1)  # powersgd independent: iterations per round (free of bytes; 4 ≈ 1 % from optimal)
     deflation: bool = False  # powersgd independent: fit rank-1 components one after another
     min_compression_rate: float = Field(2.0, ge=1)  # tensors saving less go through the fallback codec
-    quantize_bits: Optional[Literal[2, 4, 8, 16]] = None  # quantize the payload (powersgd factors, topk values)
+    quantize_bits: Optional[Literal[2, 4, 8, 16]] = None  # quantize the payload (topk values; powersgd factors: 4 unless set, null = fp32)
     quantize_scheme: Literal["stochastic", "nearest", "log"] = "stochastic"  # nearest: for error feedback; log: 8/4 bits
     block_size: int = Field(128, ge=8)  # values sharing one quantization scale
-    entropy_coding: Literal["none", "zlib"] = "none"  # lossless deflate of the packed payload (pays for int4/int2)
+    entropy_coding: Literal["none", "zlib"] = "none"  # lossless deflate of the packed payload (powersgd: zlib unless set)
     ratio: float = Field(0.01, gt=0, le=1)  # topk: share of entries sent
     error_feedback: bool = True  # client keeps the compression residual and adds it next round
     start_after_rounds: int = Field(0, ge=0)  # dense rounds before compression starts
@@ -362,6 +362,13 @@ class CompressionConfig(_Model):
                            "methods quantize, topk and powersgd (use method: quantize for dense n-bit)"))
         if self.method == "quantize" and self.quantize_bits is None:
             self.quantize_bits = 8
+        if self.method == "powersgd":
+            # The best setting of the parity studies (BENCHMARKS.md, issue #17) unless the user chose otherwise:
+            # int4 factors buy twice the rank of int8 at the same bytes, and zlib ≈ 1.2× more on int4 codes.
+            if "quantize_bits" not in self.model_fields_set:
+                self.quantize_bits = 4
+            if "entropy_coding" not in self.model_fields_set:
+                self.entropy_coding = "zlib"
         bits = self.effective_bits
         if self.quantize_scheme == "log" and bits not in (8, 4):
             issues.append((("quantize_scheme",), f"scheme 'log' needs 8 or 4 bits, got "

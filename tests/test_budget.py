@@ -98,10 +98,10 @@ def test_warm_start_survives_a_rank_change() -> None:
     """Re-allocated ranks keep the residual and the kept warm-start columns; new columns start seeded."""
     gen = torch.Generator().manual_seed(2)
     update = {k: torch.randn(s.shape, generator=gen) for k, s in MLP.items()}
-    first = build_codec({"method": "powersgd", "power_iterations": 2}, ranks={"fc2.weight": 6, "fc1.weight": 2,
+    first = build_codec({"method": "powersgd", "power_iterations": 2, "quantize_bits": None, "entropy_coding": "none"}, ranks={"fc2.weight": 6, "fc1.weight": 2,
                                                                             "out.weight": 1})
     _, state = first.encode(update, first.init_state(MLP), gen)
-    second = build_codec({"method": "powersgd", "power_iterations": 2}, ranks={"fc2.weight": 3, "fc1.weight": 5,
+    second = build_codec({"method": "powersgd", "power_iterations": 2, "quantize_bits": None, "entropy_coding": "none"}, ranks={"fc2.weight": 3, "fc1.weight": 5,
                                                                              "out.weight": 1})
     encoded, new_state = second.encode(update, state, gen)
     assert encoded["fc2.weight.P"].shape == (512, 3) and encoded["fc1.weight.Q"].shape == (40, 5)
@@ -135,7 +135,7 @@ def test_server_and_client_agree_on_ranks_each_round() -> None:
     gen = torch.Generator().manual_seed(3)
     params = {k: torch.zeros(s.shape) for k, s in MLP.items()}
     compression = {"method": "powersgd", "mode": "independent", "rank": 4, "power_iterations": 2, "quantize_bits": 8,
-                   "error_feedback": True, "budget_bytes_per_round": 12_000.0}
+                   "error_feedback": True, "budget_bytes_per_round": 12_000.0, "entropy_coding": "none"}
     nodes = {10: 0, 11: 1}
     strategy = CompressedFedAvg(strategy_settings(compression, name="b"), params, lambda r: [10, 11],
                                 node_partitions=nodes)

@@ -76,7 +76,7 @@ def test_packed_bytes_equal_layout_bytes(compression: dict) -> None:
 
 def test_independent_fp32_bytes_formula() -> None:
     """r·(n+m)·4 per compressed matrix plus dense fallbacks."""
-    codec = build_codec({"method": "powersgd", "rank": 2, "error_feedback": False})
+    codec = build_codec({"method": "powersgd", "rank": 2, "error_feedback": False, "quantize_bits": None, "entropy_coding": "none"})
     inputs = {"w": ArraySpec((100, 50)), "b": ArraySpec((100,))}
     assert layout_nbytes(codec.layout(inputs)) == 2 * (100 + 50) * 4 + 100 * 4
 

@@ -194,7 +194,7 @@ def test_independent_powersgd_uses_the_whole_clip_budget(bits: int | None, low_r
 
 def test_independent_powersgd_clip_feedback_off_drops_exactly_the_cut() -> None:
     """clip_feedback=False: kept − dropped residual = (1 − C/‖P Qᵀ‖)·P Qᵀ, the clipping loss of the projection."""
-    compression = {"method": "powersgd", "rank": 2, "power_iterations": 2, "min_compression_rate": 1.0}
+    compression = {"method": "powersgd", "rank": 2, "power_iterations": 2, "min_compression_rate": 1.0, "quantize_bits": None, "entropy_coding": "none"}
     raw = update(9, 10.0)
     states = []
     for feedback in (True, False):

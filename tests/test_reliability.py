@@ -144,7 +144,7 @@ def test_mismatched_ids_and_odd_metrics_are_rejected(override: dict[str, Any], n
 
 def test_shared_basis_id_advances_and_stale_basis_replies_are_refused() -> None:
     """Shared PowerSGD: the basis id moves with the basis; a reply made with the previous one is rejected."""
-    strategy = _strategy({"method": "powersgd", "mode": "shared", "rank": 2})
+    strategy = _strategy({"method": "powersgd", "mode": "shared", "rank": 2, "entropy_coding": "none"})
     first = _round(strategy)
     assert int(first[0].content["config"]["basis-id"]) == 0
     strategy.aggregate_train(1, [_reply(strategy, m, _update(i)) for i, m in enumerate(first)])
@@ -240,7 +240,8 @@ def test_dropped_client_returns_before_training_or_state_io(monkeypatch: pytest.
     from fedpower.config import parse_config
 
     experiment = parse_config({"seed": 0, "train": {**train, "device": "cpu"},
-                               "strategies": [{"name": "s", "compression": {"method": "powersgd"}}]})
+                               "strategies": [{"name": "s", "compression": {"method": "powersgd", "quantize_bits": None,
+                                                                        "entropy_coding": "none"}}]})
     instruction = Message(RecordDict({"config": ConfigRecord({"strategy": "s", "server-round": server_round})}),
                           dst_node_id=1, message_type="train")
     context = Context(run_id=1, node_id=1, node_config={"partition-id": partition}, state=RecordDict(), run_config={})
@@ -268,7 +269,7 @@ def test_no_unpickling_anywhere() -> None:
 # -- checkpoints --------------------------------------------------------------------------------------
 def test_strategy_state_round_trip_continues_identically() -> None:
     """A strategy restored from state_dict() makes exactly the same next round as the original."""
-    compression = {"method": "powersgd", "mode": "shared", "rank": 2, "quantize_bits": 8}
+    compression = {"method": "powersgd", "mode": "shared", "rank": 2, "quantize_bits": 8, "entropy_coding": "none"}
     original = _strategy(compression)
     for server_round in (1, 2, 3):
         messages = _round(original, server_round)
