@@ -214,3 +214,38 @@ def test_comparison_table_states_the_run_epsilon(run: tuple[Any, Any]) -> None:
     epsilon = results.to_dict()["privacy"]["epsilon"]
     assert f"ε of all 2 DP strategies together (they train on the same clients): {epsilon:.2f}" in console.export_text()
 
+
+def test_start_up_discovery_is_on_every_ledger() -> None:
+    """A grid that does not know the partitions costs one query and one reply per node: on the ledger, round 0.
+
+    Measured here on the delivered messages (whole message, deployment ids); counted in the totals,
+    separable as ``discover``, and outside every round's row (rows stay the training rounds).
+    """
+    from loopback_grid import AskingGrid
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)  # type: ignore[attr-defined]
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        experiment = parse_config({
+            "experiment": "discovery", "seed": 0,
+            "data": {"dataset": "digits", "num_clients": 6, "partition": {"kind": "iid"}},
+            "model": {"name": "logreg"},
+            "train": {"device": "cpu", "rounds": 2, "clients_per_round": 2, "failures": {"rejoin_wait_s": 0}},
+            "strategies": [{"name": "fedavg"}, {"name": "psgd", "compression": {"method": "powersgd", "rank": 2}}],
+        }).to_dict()
+        results, grid = run_in_process(experiment, AskingGrid)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved  # type: ignore[attr-defined]
+    assert len(grid.queries) == 6  # asked once per node for the whole run, not once per strategy
+    expected = sorted((grid.partition_of[query.metadata.dst_node_id], direction, _serialized_size(_as_deployed(m), set()))
+                      for query, reply in grid.queries for direction, m in (("down", query), ("up", reply)))
+    for name, result in results.strategies.items():
+        discover = [t for t in result.ledger.transfers if t.purpose == "discover"]
+        assert sorted((t.client, t.direction, t.wire_bytes) for t in discover) == expected, name
+        assert {t.round for t in discover} == {0} and all(t.header_bytes > 0 for t in discover)
+        final = result.final()
+        for direction, word in (("up", "uplink"), ("down", "downlink")):
+            alone = sum(w for _, d, w in expected if d == direction)
+            assert final[f"{word}_discover_bytes_total"] == alone
+            assert final[f"{word}_bytes_total"] == sum(r[f"{word}_bytes"] for r in result.rounds) + alone
+            assert final[f"{word}_header_bytes_total"] == sum(t.header_bytes for t in result.ledger.select(direction))
