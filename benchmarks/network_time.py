@@ -52,7 +52,10 @@ def load_run(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[Ledger, list
                                                          direction=row["direction"],  # type: ignore[arg-type]
                                                          payload_bytes=int(row["payload_bytes"]),
                                                          wire_bytes=int(row["wire_bytes"]),
-                                                         dense_bytes=int(row["dense_bytes"])))
+                                                         dense_bytes=int(row["dense_bytes"]),
+                                                         # absent in ledger.csv files written before them
+                                                         purpose=row.get("purpose") or "train",  # type: ignore[arg-type]
+                                                         header_bytes=int(row.get("header_bytes") or 0)))
     return results, {s["name"]: (ledgers[s["name"]], s["rounds"]) for s in results["strategies"]}
 
 

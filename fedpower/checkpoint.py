@@ -34,9 +34,10 @@ CHECKPOINT_NAME = "checkpoint.npz"
 FORMAT = "fedpower-checkpoint"
 VERSION = 1
 _META = "meta.json"
-_LEDGER_FIELDS = ("round", "client", "direction", "payload_bytes", "wire_bytes", "dense_bytes", "purpose")
+_LEDGER_FIELDS = ("round", "client", "direction", "payload_bytes", "wire_bytes", "dense_bytes", "purpose",
+                  "header_bytes")
 _DIRECTIONS = ("up", "down")
-_PURPOSES = ("train", "evaluate")
+_PURPOSES = ("train", "evaluate", "discover")  # append only: checkpoints store the index
 
 
 class CheckpointError(RuntimeError):
@@ -94,18 +95,21 @@ def restore_rng(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> No
 def _ledger_array(ledger: Ledger) -> np.ndarray:
     """A ledger as an int64 matrix, one row per transfer (direction 0 = up, 1 = down; purpose 0 = train)."""
     rows = [[t.round, t.client, _DIRECTIONS.index(t.direction), t.payload_bytes, t.wire_bytes, t.dense_bytes,
-             _PURPOSES.index(t.purpose)] for t in ledger.transfers]
+             _PURPOSES.index(t.purpose), t.header_bytes] for t in ledger.transfers]
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), len(_LEDGER_FIELDS))
 
 
 def _ledger_from_array(matrix: np.ndarray) -> Ledger:
     """Inverse of :func:`_ledger_array`."""
-    if matrix.ndim == 2 and matrix.shape[1] == len(_LEDGER_FIELDS) - 1:  # written before evaluation was counted
-        matrix = np.concatenate([matrix, np.zeros((len(matrix), 1), dtype=matrix.dtype)], axis=1)
+    # Older checkpoints lack trailing columns: purpose (before evaluation was counted, 0 = train) and
+    # header_bytes (before headers were counted: their wire bytes were content only, header 0 is exact).
+    if matrix.ndim == 2 and len(_LEDGER_FIELDS) - 2 <= matrix.shape[1] < len(_LEDGER_FIELDS):
+        missing = len(_LEDGER_FIELDS) - matrix.shape[1]
+        matrix = np.concatenate([matrix, np.zeros((len(matrix), missing), dtype=matrix.dtype)], axis=1)
     if matrix.ndim != 2 or matrix.shape[1] != len(_LEDGER_FIELDS):
         raise CheckpointError(f"ledger array has shape {matrix.shape}, expected (n, {len(_LEDGER_FIELDS)})")
-    return Ledger([Transfer(int(r), int(c), _DIRECTIONS[int(d)], int(p), int(w), int(n), _PURPOSES[int(k)])  # type: ignore[arg-type]
-                   for r, c, d, p, w, n, k in matrix.tolist()])
+    return Ledger([Transfer(int(r), int(c), _DIRECTIONS[int(d)], int(p), int(w), int(n), _PURPOSES[int(k)], int(h))  # type: ignore[arg-type]
+                   for r, c, d, p, w, n, k, h in matrix.tolist()])
 
 
 def _result_meta(result: StrategyResult) -> dict[str, Any]:

@@ -46,9 +46,15 @@ class StrategyResult:
             "downlink_bytes_total": self.ledger.total("down"),
             "uplink_payload_bytes_total": self.ledger.total("up", "payload_bytes"),
             "downlink_payload_bytes_total": self.ledger.total("down", "payload_bytes"),
+            # Of the totals above, the message headers (Flower's Message metadata, fixed-width id model):
+            "uplink_header_bytes_total": self.ledger.total("up", "header_bytes"),
+            "downlink_header_bytes_total": self.ledger.total("down", "header_bytes"),
             # Of the totals above, federated evaluation's messages (model down, metrics up):
             "downlink_evaluate_bytes_total": self.ledger.total("down", purpose="evaluate"),
             "uplink_evaluate_bytes_total": self.ledger.total("up", purpose="evaluate"),
+            # Of the totals above, start-up partition discovery (round 0; engines that must ask, e.g. Ray):
+            "downlink_discover_bytes_total": self.ledger.total("down", purpose="discover"),
+            "uplink_discover_bytes_total": self.ledger.total("up", purpose="discover"),
             "uplink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("up")),
             "downlink_ratio_vs_dense": _finite_or_none(self.ledger.ratio_vs_dense("down")),
             "epsilon": last.get("epsilon"),

@@ -28,7 +28,7 @@ from fedpower.server_opt import ServerOptimizer
 from fedpower.server_state import ServerCodecState, init_server_state, packed_basis, plan_round, round_codec, sends_basis
 from clients.failures import DELAY_METRIC, is_simulated_dropout
 from strategies.nodes import wait_until_online
-from strategies.wire import array_bytes, wire_bytes
+from strategies.wire import array_bytes, header_bytes, wire_bytes
 
 log = logging.getLogger("fedpower.strategy")
 
@@ -103,13 +103,16 @@ class CompressedFedAvg(FedAvg):
         return self._send(RecordDict(content), server_round, nodes, MessageType.TRAIN)
 
     def _send(self, record: RecordDict, server_round: int, nodes: list[int], kind: str) -> list[Message]:
-        """One message of ``record`` per node, each on the ledger (measured once: the record is the same)."""
+        """One message of ``record`` per node, each on the ledger (content measured once: it is the same record)."""
         payload = sum(array_bytes(r) for r in record.values() if isinstance(r, ArrayRecord))
-        wire = wire_bytes(record)
-        for node in nodes:
-            self.ledger.record(Transfer(server_round, self._partition(node), "down", payload, wire, self.dense_bytes,
-                                        "train" if kind == MessageType.TRAIN else "evaluate"))
-        return [Message(content=record, dst_node_id=node, message_type=kind) for node in nodes]
+        content = wire_bytes(record)
+        messages = [Message(content=record, dst_node_id=node, message_type=kind) for node in nodes]
+        for node, message in zip(nodes, messages):
+            header = header_bytes(message)
+            self.ledger.record(Transfer(server_round, self._partition(node), "down", payload, content + header,
+                                        self.dense_bytes, "train" if kind == MessageType.TRAIN else "evaluate",
+                                        header))
+        return messages
 
     def _to_reply(self, msg: Message, server_round: int) -> Reply:
         """A Flower reply as :class:`fedpower.round.Reply`, measured on the ledger when it carries content."""
@@ -118,7 +121,9 @@ class CompressedFedAvg(FedAvg):
             return Reply(partition, error=str(msg.error.reason), dropout=is_simulated_dropout(msg))
         content = msg.content
         payload = array_bytes(content["payload"]) if "payload" in content else 0
-        self.ledger.record(Transfer(server_round, partition, "up", payload, wire_bytes(content), self.dense_bytes))
+        header = header_bytes(msg)
+        self.ledger.record(Transfer(server_round, partition, "up", payload, wire_bytes(content) + header,
+                                    self.dense_bytes, "train", header))
         if "payload" not in content or "metrics" not in content:
             return Reply(partition)
         try:  # numpy arrays only, never pickles (Flower loads them with allow_pickle=False)
@@ -187,8 +192,9 @@ class CompressedFedAvg(FedAvg):
         replies = sorted(replies, key=lambda m: self._partition(m.metadata.src_node_id))
         for msg in replies:
             if not msg.has_error():
+                header = header_bytes(msg)
                 self.ledger.record(Transfer(server_round, self._partition(msg.metadata.src_node_id), "up", 0,
-                                            wire_bytes(msg.content), 0, "evaluate"))
+                                            wire_bytes(msg.content) + header, 0, "evaluate", header))
         rows = [m.content["metrics"] for m in replies if not m.has_error() and "metrics" in m.content]
         if not rows:
             return None

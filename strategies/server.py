@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
@@ -20,36 +20,57 @@ from fedpower.codecs import layout_of
 from fedpower.codecs.budget import ranks_for
 from fedpower.config import ExperimentConfig, StrategyConfig
 from fedpower.experiment import as_experiment, experiment_data, experiment_model, privacy_plan
+from fedpower.ledger import Transfer
 from fedpower.privacy import cohort_sampler
 from fedpower.records import arrays_to_tensors, tensors_to_arrays
 from fedpower.results import RunResults, StrategyResult
 from fedpower.round import RoundStats
 from fedpower.training import evaluate, get_params, set_params
 from strategies.compressed import CompressedFedAvg
+from strategies.wire import header_bytes, wire_bytes
 
 log = logging.getLogger("fedpower.server")
 
 
-def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> dict[int, int]:
+class Discovery(NamedTuple):
+    """What start-up learned: each node's partition, and the messages it cost (none when the grid knew)."""
+
+    partitions: dict[int, int]  # node id → partition id
+    transfers: list[Transfer]  # the query and its reply per node, measured like every other message
+
+
+def discover_partitions(grid: Grid, expected: int, timeout: float = 600.0) -> Discovery:
     """node id → partition id: from the grid when it knows (in-process engine), else asked of every node once.
 
     Node ids are random per run in Flower's engines, and neither the Ray engine nor a SuperLink tells
-    the ServerApp which partition a node holds, so they cost one query message per node.
+    the ServerApp which partition a node holds, so they cost one query message per node and its reply:
+    both are measured (round 0, purpose ``discover``) so that start-up traffic is on the ledger too.
     """
     known = getattr(grid, "node_partitions", None)
     if callable(known):
-        return known()
+        return Discovery(known(), [])
     deadline = time.monotonic() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(node_ids)} of {expected} nodes connected")
         time.sleep(0.5)
     messages = [Message(RecordDict(), dst_node_id=nid, message_type=MessageType.QUERY) for nid in node_ids]
+    sent = {message.metadata.dst_node_id: (wire_bytes(message.content), header_bytes(message)) for message in messages}
     mapping: dict[int, int] = {}
+    received: dict[int, tuple[int, int]] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if not reply.has_error():
             mapping[reply.metadata.src_node_id] = int(reply.content["metrics"]["partition-id"])
-    return mapping
+            received[reply.metadata.src_node_id] = (wire_bytes(reply.content), header_bytes(reply))
+    # In partition order, so that a run's ledger repeats exactly whatever order the replies came in.
+    transfers: list[Transfer] = []
+    for node in sorted(sent, key=lambda n: (mapping.get(n, -1), n)):
+        partition = mapping.get(node, -1)  # a node that did not answer was still sent its query
+        for direction, sizes in (("down", sent[node]), ("up", received.get(node))):
+            if sizes is not None:
+                content, header = sizes
+                transfers.append(Transfer(0, partition, direction, 0, content + header, 0, "discover", header))
+    return Discovery(mapping, transfers)
 
 
 def make_sampler(seed: int, node_by_partition: Mapping[int, int], clients_per_round: int,
@@ -72,8 +93,8 @@ def run_strategies(grid: Grid, experiment: ExperimentConfig | Mapping[str, Any],
     """
     experiment = as_experiment(experiment)
     random.seed(experiment.seed)  # Flower's own sampling helpers use the global RNG
-    partitions_by_node = discover_partitions(grid, experiment.data.num_clients)
-    fleet = _Fleet(grid, experiment, partitions_by_node, experiment_data(experiment))
+    discovery = discover_partitions(grid, experiment.data.num_clients)
+    fleet = _Fleet(grid, experiment, discovery, experiment_data(experiment))
     _check_budgets(fleet)  # before any strategy runs, not when the third one starts
     resume = results.resume_from
     if resume is not None:
@@ -107,13 +128,14 @@ def _check_budgets(fleet: "_Fleet") -> None:
 class _Fleet:
     """What every strategy of a run shares: the grid, the nodes and their partitions, the test data."""
 
-    def __init__(self, grid: Grid, experiment: ExperimentConfig, partitions_by_node: dict[int, int],
+    def __init__(self, grid: Grid, experiment: ExperimentConfig, discovery: Discovery,
                  data: tuple[Any, ...]) -> None:
         self.grid, self.experiment = grid, experiment
         self.config = experiment.to_dict()  # what checkpoints and results record
         self.settings: list[StrategyConfig] = experiment.resolved()
-        self.partitions_by_node = partitions_by_node
-        self.node_by_partition = {p: n for n, p in partitions_by_node.items()}
+        self.partitions_by_node = discovery.partitions
+        self.discovery_transfers = discovery.transfers  # start-up messages of this run (none in-process)
+        self.node_by_partition = {p: n for n, p in discovery.partitions.items()}
         self.dataset, _, _, _, self.x_test, self.y_test = data
 
 
@@ -210,6 +232,11 @@ def _run_strategy(fleet: _Fleet, index: int, results: RunResults, observer: Any,
     pending: dict[int, RoundStats] = {}
     strategy = _make_strategy(fleet, settings, pending, should_stop)
     strategy.ledger = result.ledger  # one ledger: restored rows continue in it after a resume
+    # Start-up discovery serves every strategy of the run; each strategy's ledger carries it (what the
+    # strategy costs run on its own), so summing strategies counts it once per strategy. A resumed
+    # strategy gets the resumed run's discovery as well: it was sent again to continue it.
+    for transfer in fleet.discovery_transfers:
+        strategy.ledger.record(transfer)
     if restart is not None and restart.strategy_meta is not None:
         strategy.load_state(restart.strategy_arrays, restart.strategy_meta)
         strategy.round_offset = restart.completed_round

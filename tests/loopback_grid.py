@@ -16,25 +16,34 @@ from strategies.inprocess import InProcessGrid
 
 
 class RecordingGrid(InProcessGrid):
-    """An in-process grid that also keeps every train/evaluate exchange."""
+    """An in-process grid that also keeps every train/evaluate exchange (and every query one in ``queries``)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.delivered: list[tuple[Message, Message]] = []
+        self.queries: list[tuple[Message, Message]] = []
+        self.partition_of: dict[int, int] = dict(self._partition_of)  # node id → partition, for the tests' keys
 
     def _deliver(self, message: Message) -> Message:
         reply = super()._deliver(message)
-        if message.metadata.message_type != MessageType.QUERY:
-            self.delivered.append((message, reply))
+        kept = self.queries if message.metadata.message_type == MessageType.QUERY else self.delivered
+        kept.append((message, reply))
         return reply
 
 
-def run_in_process(experiment: Mapping[str, Any]) -> tuple[Any, RecordingGrid]:
+class AskingGrid(RecordingGrid):
+    """A recording grid that does not tell the server the partitions: it must ask every node, as on Ray."""
+
+    node_partitions = None  # type: ignore[assignment]  # strategies.server.discover_partitions then queries
+
+
+def run_in_process(experiment: Mapping[str, Any],
+                   grid_class: type[RecordingGrid] = RecordingGrid) -> tuple[Any, RecordingGrid]:
     """(RunResults, grid) of running every strategy of a resolved experiment through a recording grid."""
     from fedpower.results import RunResults
     from strategies.server import run_strategies
 
-    grid = RecordingGrid(make_client_app(experiment), int(experiment["data"]["num_clients"]))
+    grid = grid_class(make_client_app(experiment), int(experiment["data"]["num_clients"]))
     results = RunResults(experiment=str(experiment["experiment"]), config=dict(experiment))
     run_strategies(grid, experiment, results)
     return results, grid

@@ -26,6 +26,21 @@ def test_ledger_totals_and_ratios_are_derived() -> None:
         ledger.record(Transfer(1, 0, "up", -1, 0, 0))
 
 
+def test_ledger_headers_are_part_of_the_wire_and_separable() -> None:
+    """wire = content + header; header and content totals, and purposes, select what a comparison needs."""
+    ledger = Ledger()
+    ledger.record(Transfer(0, 0, "down", 0, 160, 0, "discover", 149))
+    ledger.record(Transfer(1, 0, "down", 4000, 4749, 4000, "train", 149))
+    ledger.record(Transfer(1, 0, "up", 100, 917, 4000, "train", 217))
+    assert ledger.total("down") == 4909 and ledger.total("down", purpose="train") == 4749
+    assert ledger.total("down", "header_bytes") == 298
+    assert ledger.total("down", "content_bytes") == 4909 - 298
+    assert ledger.total("up", "content_bytes", purpose="train") == 700
+    assert Ledger.from_rows(ledger.to_rows()).transfers == ledger.transfers
+    with pytest.raises(ValueError, match="part of wire_bytes"):
+        ledger.record(Transfer(1, 0, "up", 0, 100, 0, "train", 101))
+
+
 def _params() -> dict[str, torch.Tensor]:
     return {"w": torch.ones(3, 2), "b": torch.zeros(3)}
 

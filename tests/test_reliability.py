@@ -319,10 +319,23 @@ def _results() -> RunResults:
     first = results.strategy("a")
     first.rounds = [{"round": 1, "accuracy": float("nan"), "loss": 1.5, "kept_reason": None, "uplink_bytes": 5}]
     first.client_metrics = {1: [{"partition-id": 3.0, "train_loss": 0.25}]}
+    first.ledger.record(Transfer(0, 3, "down", 0, 150, 0, "discover", 149))
     first.ledger.record(Transfer(1, 3, "up", 10, 20, 40))
-    first.ledger.record(Transfer(1, 3, "down", 11, 21, 40))
+    first.ledger.record(Transfer(1, 3, "down", 11, 21, 40, "train", 7))
+    first.ledger.record(Transfer(1, 3, "up", 0, 30, 0, "evaluate", 9))
     first.completed, first.wall_seconds, first.initial_accuracy = True, 1.25, 0.1
     return results
+
+
+def test_checkpoint_ledgers_without_header_column_still_load() -> None:
+    """Checkpoints from before headers (7 columns) or evaluation (6) were counted load with those columns at 0."""
+    from fedpower.checkpoint import _ledger_from_array
+
+    seven = np.array([[1, 3, 0, 10, 20, 40, 1]], dtype=np.int64)
+    assert _ledger_from_array(seven).transfers == [Transfer(1, 3, "up", 10, 20, 40, "evaluate", 0)]
+    assert _ledger_from_array(seven[:, :6]).transfers == [Transfer(1, 3, "up", 10, 20, 40, "train", 0)]
+    with pytest.raises(CheckpointError):
+        _ledger_from_array(seven[:, :5])
 
 
 def test_run_checkpoint_round_trip(tmp_path: Path) -> None:

@@ -111,8 +111,31 @@ def test_engines_agree_round_by_round(runs: dict[str, Any]) -> None:
             for key in ("accuracy", "loss", "uplink_bytes", "downlink_bytes", "accepted", "rejected", "epsilon"):
                 assert mine[key] == theirs[key] or (mine[key] != mine[key] and theirs[key] != theirs[key]), \
                     (name, mine["round"], key, mine[key], theirs[key])
-        assert [(t.round, t.client, t.direction, t.payload_bytes, t.wire_bytes) for t in result.ledger.transfers] \
-            == [(t.round, t.client, t.direction, t.payload_bytes, t.wire_bytes) for t in other.ledger.transfers], name
+        # Every message of the rounds, header included (the fixed-width id model makes it engine-independent);
+        # only Ray's start-up discovery is extra (tested below).
+        assert [(t.round, t.client, t.direction, t.purpose, t.payload_bytes, t.wire_bytes, t.header_bytes)
+                for t in result.ledger.transfers] \
+            == [(t.round, t.client, t.direction, t.purpose, t.payload_bytes, t.wire_bytes, t.header_bytes)
+                for t in other.ledger.transfers if t.purpose != "discover"], name
+        assert all(t.header_bytes > 0 for t in result.ledger.transfers), name
+
+
+def test_ray_start_up_discovery_is_on_the_ledger(runs: dict[str, Any]) -> None:
+    """Ray asks each of the 20 nodes for its partition once: query down, answer up, on every strategy's ledger."""
+    ours, ray = runs["inprocess"], runs["ray"]
+    for name, result in ray.strategies.items():
+        discover = [t for t in result.ledger.transfers if t.purpose == "discover"]
+        assert sorted((t.client, t.direction) for t in discover) == \
+            sorted((p, d) for p in range(20) for d in ("down", "up")), name
+        assert {t.round for t in discover} == {0} and all(t.header_bytes > 0 for t in discover), name
+        # The queries are the same empty message to every node, the answers one small metric record each.
+        assert len({t.wire_bytes for t in discover if t.direction == "down"}) == 1, name
+        final, alone = result.final(), ours.strategies[name].final()
+        assert final["uplink_discover_bytes_total"] == sum(t.wire_bytes for t in discover if t.direction == "up") > 0
+        assert final["downlink_discover_bytes_total"] == sum(t.wire_bytes for t in discover if t.direction == "down")
+        for word in ("uplink", "downlink"):  # the rounds cost the same on both engines; Ray adds its start-up
+            assert final[f"{word}_bytes_total"] == alone[f"{word}_bytes_total"] + final[f"{word}_discover_bytes_total"]
+            assert alone[f"{word}_discover_bytes_total"] == 0
 
 
 def test_every_strategy_learns_well_above_chance(run: Any) -> None:
@@ -133,11 +156,13 @@ def test_powersgd_uplink_is_a_tenth_of_fedavg(run: Any) -> None:
 
 
 def test_ledger_totals_are_sums_over_rounds(run: Any) -> None:
-    """results rows and ledger agree; totals are derived, never kept twice."""
+    """results rows and ledger agree; totals are derived, never kept twice (start-up discovery is round 0)."""
     for result in run.strategies.values():
         final = result.final()
-        assert final["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in result.rounds)
-        assert final["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in result.rounds)
+        assert final["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in result.rounds) \
+            + final["uplink_discover_bytes_total"]
+        assert final["downlink_bytes_total"] == sum(r["downlink_bytes"] for r in result.rounds) \
+            + final["downlink_discover_bytes_total"]
 
 
 # Wire bytes are checked against an independent serialization of the delivered messages in
@@ -183,14 +208,14 @@ def test_start_after_rounds_sends_dense_first(run: Any) -> None:
 def test_federated_evaluation_messages_are_on_the_ledger(run: Any) -> None:
     """The model sent to evaluating clients is downlink too: counted per client, in the totals, and separately."""
     warmup, fedavg = run.strategies["warmup"], run.strategies["fedavg"]
-    model_bytes = next(t.payload_bytes for t in fedavg.ledger.transfers if t.direction == "down")
+    model_bytes = next(t.payload_bytes for t in fedavg.ledger.transfers if t.direction == "down" and t.purpose == "train")
     evaluation = [t for t in warmup.ledger.transfers if t.purpose == "evaluate" and t.direction == "down"]
     assert len(evaluation) == sum(r["clients"] for r in warmup.rounds)  # every sampled client got the model
     assert all(t.payload_bytes == model_bytes and t.wire_bytes > model_bytes for t in evaluation)
     final = warmup.final()
     assert final["downlink_evaluate_bytes_total"] == sum(t.wire_bytes for t in evaluation)
     assert final["downlink_bytes_total"] == warmup.ledger.total("down", purpose="train") + \
-        final["downlink_evaluate_bytes_total"]
+        final["downlink_evaluate_bytes_total"] + final["downlink_discover_bytes_total"]
     assert final["uplink_evaluate_bytes_total"] > 0 and fedavg.final()["downlink_evaluate_bytes_total"] == 0
 
 
