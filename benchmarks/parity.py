@@ -88,7 +88,7 @@ def _server_optimizer(config: dict[str, Any], name: str) -> str:
     strategy = next(s for s in config["strategies"] if s["name"] == name)
     opt = {**config["train"]["server_optimizer"], **(((strategy.get("train") or {}).get("server_optimizer")) or {})}
     if opt["name"] == "momentum":
-        return f"momentum {opt['momentum']:g}"
+        return f"momentum {opt['momentum']:g}" + ("" if opt["lr"] == 1 else f" lr {opt['lr']:g}")
     return opt["name"] + ("" if opt["name"] == "sgd" and opt["lr"] == 1 else f" lr {opt['lr']:g}")
 
 
