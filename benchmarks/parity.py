@@ -55,7 +55,7 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
             continue
         out.mkdir(parents=True, exist_ok=True)
         path = out / "experiment.yaml"
-        path.write_text(yaml.safe_dump({**document, "seed": seed}, sort_keys=False))
+        path.write_text(yaml.safe_dump({**_absolute_paths(document, config.parent), "seed": seed}, sort_keys=False))
         args = [sys.executable, str(ROOT / "run.py"), str(path), "--out", str(out), "--no-plots"]
         if rounds:
             args += ["--set", f"train.rounds={rounds}"]
@@ -65,6 +65,16 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
         if done.returncode != 0:
             raise SystemExit(f"run.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
         print(f"  done in {time.time() - started:.0f} s", flush=True)
+
+
+def _absolute_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
+    """The config with its YAML-relative paths made absolute, so that a copy in a run folder still finds them."""
+    out = json.loads(json.dumps(document))
+    for section, key in (("data", "path"), ("model", "weights"), ("client_state", "dir")):
+        block = out.get(section)
+        if isinstance(block, dict) and isinstance(block.get(key), str) and not Path(block[key]).is_absolute():
+            block[key] = str((base / block[key]).resolve())
+    return out
 
 
 def collect(runs: Path = RUNS) -> dict[str, dict[str, list[dict[str, Any]]]]:

@@ -45,3 +45,15 @@ def test_a_seed_that_never_reaches_the_target_leaves_it_unreached() -> None:
     row = summarize(found)["task"]["strategies"]["powersgd"]
     assert row["uplink_to_target_near"] is None and row["reached_near"] == "1/2"
     assert row["bytes_to_target_near_ratio"] is None
+
+
+def test_run_copies_keep_yaml_relative_paths_working(tmp_path: Path) -> None:
+    """A config copied into a run folder still points at the files its own folder's paths meant."""
+    from benchmarks.parity import _absolute_paths
+
+    document = {"data": {"dataset": "npz", "path": "data/x.npz"}, "model": {"name": "mlp", "weights": "/abs/w.pt"},
+                "client_state": {"dir": None}}
+    out = _absolute_paths(document, tmp_path / "configs")
+    assert out["data"]["path"] == str((tmp_path / "configs" / "data" / "x.npz").resolve())
+    assert out["model"]["weights"] == "/abs/w.pt" and out["client_state"]["dir"] is None
+    assert document["data"]["path"] == "data/x.npz"  # the caller's document is not changed
