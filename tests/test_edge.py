@@ -51,7 +51,7 @@ def test_heavy_packages_are_in_the_sim_extra() -> None:
 
 
 # Runs in a fresh interpreter: heavy modules are poisoned (None in sys.modules makes `import x` raise
-# ImportError), then the client side does a full training round of PowerSGD shared (int4, zlib) on generated data.
+# ImportError), then the client side does a full training round of PowerSGD shared int8 on generated data.
 LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
     import sys
     for name in {heavy!r}:
@@ -76,10 +76,10 @@ LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
     assert packed["int8"].dtype == np.int8, packed
 
     # A whole ClientApp train round, with the message the server would send.
-    experiment = load_config("configs/quickstart.yaml", overrides=[
+    experiment = load_config("configs/deployment.yaml", overrides=[
         "data.dataset=synthetic", "data.num_clients=4", "train.clients_per_round=2", "train.local_epochs=1",
         "train.device=cpu"])
-    settings = experiment.resolve("powersgd-shared")
+    settings = experiment.resolve("powersgd-shared-r4-int8")
     dataset, *_ = client_app.experiment_data(experiment)
     model = client_app.experiment_model(settings, dataset)
     params = {{k: v.detach() for k, v in model.state_dict().items()}}
@@ -95,8 +95,7 @@ LIGHT_CLIENT_SCRIPT = textwrap.dedent("""
     reply = client_app.handle_train(message, context, experiment)
     assert not reply.has_error(), reply.error
     payload = {{k: v.numpy() for k, v in reply.content["payload"].items()}}
-    # PowerSGD's defaults: int4 codes (uint8-packed) and float16 scales, each buffer deflated.
-    assert sorted(payload) == ["zlib-float16", "zlib-uint8"] and all(v.size > 0 for v in payload.values()), payload
+    assert payload["int8"].dtype == np.int8 and payload["int8"].size > 0, payload
     assert reply.content["metrics"]["state_norm_out"] > 0  # the error-feedback residual was kept
     leaked = sorted(n for n in {heavy!r} if sys.modules.get(n) is not None)
     assert not leaked, leaked
