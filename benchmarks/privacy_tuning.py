@@ -94,32 +94,39 @@ def configured(entry: Mapping[str, Any], name: str, epsilon: float, clip: float,
 
 
 def expand_grid(raw: Mapping[str, Any], methods: Sequence[str], epsilons: Sequence[float], clips: Sequence[float],
-                server_lrs: Sequence[float]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """The tuning experiment: each method × ε × clip × server lr as its own strategy; and name → grid point."""
+                server_lrs: Sequence[float], points: Sequence[tuple[float, float]] | None = None,
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """The tuning experiment: each method × ε × clip × server lr as its own strategy; and name → grid point.
+
+    ``points`` (clip, server lr) pairs replace the product ``clips`` × ``server_lrs`` (a pruned grid).
+    """
     expanded = copy.deepcopy(dict(raw))
     base_server = dict(raw.get("train", {}).get("server_optimizer") or {})
     strategies, index = [], {}
+    grid = list(points) if points else [(c, lr) for c in clips for lr in server_lrs]
     for entry in dp_entries(raw, methods):
         for epsilon in epsilons:
-            for clip in clips:
-                for lr in server_lrs:
-                    name = f"{entry['name']}-{eps_tag(epsilon)}-c{num_tag(clip)}-lr{num_tag(lr)}"
-                    strategies.append(configured(entry, name, epsilon, clip, lr, base_server))
-                    index[name] = {"method": entry["name"], "epsilon": float(epsilon), "clip_norm": float(clip),
-                                   "server_lr": float(lr)}
+            for clip, lr in grid:
+                name = f"{entry['name']}-{eps_tag(epsilon)}-c{num_tag(clip)}-lr{num_tag(lr)}"
+                strategies.append(configured(entry, name, epsilon, clip, lr, base_server))
+                index[name] = {"method": entry["name"], "epsilon": float(epsilon), "clip_norm": float(clip),
+                               "server_lr": float(lr)}
     expanded["strategies"] = strategies
     expanded["experiment"] = f"{raw.get('experiment', 'experiment')}-tuning"
     return expanded, index
 
 
 def expand_final(raw: Mapping[str, Any], settings: Mapping[str, Mapping[str, Any]], epsilons: Sequence[float],
-                 references: Sequence[str]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """Each tuned method at every ε with the setting ``choose_for`` gives it, plus the non-DP references."""
+                 references: Sequence[str], only: Mapping[str, Sequence[float]] | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Each tuned method at every ε (``only``: a method's own subset) with the setting ``choose_for`` gives it,
+    plus the non-DP references."""
     expanded = copy.deepcopy(dict(raw))
     base_server = dict(raw.get("train", {}).get("server_optimizer") or {})
     strategies, index = [], {}
+    only = only or {}
     for entry in dp_entries(raw, list(settings)):
-        for epsilon in epsilons:
+        for epsilon in only.get(entry["name"], epsilons):
             point = choose_for(settings[entry["name"]], epsilon)
             name = f"{entry['name']}-{eps_tag(epsilon)}"
             strategies.append(configured(entry, name, epsilon, point["clip_norm"], point["server_lr"], base_server))
@@ -151,7 +158,10 @@ def choose(scores: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         best_at = {e: max((p for p in points if (e, *p) in table), key=lambda p: table[(e, *p)]) for e in epsilons}
         complete = [p for p in points if all((e, *p) in table for e in epsilons)]
         best_mean = max(complete, key=lambda p: sum(table[(e, *p)] for e in epsilons)) if complete else None
-        if best_mean is not None and all(best_at[e] == best_mean for e in epsilons):
+        if len(epsilons) == 1:
+            rule = f"tuned at ε = {epsilons[0]:g} only: its best for every ε"
+            per = best_at
+        elif best_mean is not None and all(best_at[e] == best_mean for e in epsilons):
             rule = "one setting: best at every tuning ε"
             per = {e: best_mean for e in epsilons}
         else:
@@ -349,21 +359,41 @@ def _header(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             "config": str(args.config), "machine": machine_info()}
 
 
+def load_results(run_dir: Path) -> dict[str, Any]:
+    """``run_dir``'s results.json; for a run that was stopped early, its finished strategies from the checkpoint."""
+    path = run_dir / "results.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from fedpower.checkpoint import load_run_checkpoint
+
+    point = load_run_checkpoint(run_dir)
+    if point is None:
+        raise SystemExit(f"{run_dir}: neither results.json nor a checkpoint")
+    finished = [s["name"] for s in point.experiment["strategies"][:point.strategy_index]]
+    print(f"{run_dir}: stopped run, {len(finished)} finished strategies read from its checkpoint")
+    return {"config": point.experiment, "strategies": [point.results[name].to_dict() for name in finished],
+            "partial": True}
+
+
 def tune(args: argparse.Namespace, argv: list[str] | None) -> int:
-    """Train the grid on one seed and choose a setting per method."""
-    run_dir = args.from_run or args.out
+    """Train the grid on one seed and choose a setting per method (or re-analyse one or more grid runs)."""
+    run_dirs = args.from_run or [args.out]
     wall = None
     if args.from_run is None:
         raw = yaml.safe_load(args.config.read_text())
-        expanded, index = expand_grid(raw, args.methods, args.epsilons, args.clips, args.server_lrs)
-        wall = _run(expanded, index, run_dir, [f"seed={args.seed}", *args.overrides], args.rounds)
-    index = json.loads((run_dir / "index.json").read_text())
-    results = json.loads((run_dir / "results.json").read_text())
-    scores = per_strategy(results, index)
+        points = [tuple(float(x) for x in p.split(":")) for p in args.points] if args.points else None
+        expanded, index = expand_grid(raw, args.methods, args.epsilons, args.clips, args.server_lrs, points)
+        wall = _run(expanded, index, run_dirs[0], [f"seed={args.seed}", *args.overrides], args.rounds)
+    scores, runs = [], []
+    for run_dir in run_dirs:
+        results = load_results(run_dir)
+        scores += per_strategy(results, json.loads((run_dir / "index.json").read_text()))
+        runs.append({"run_dir": str(run_dir), "strategies": len(results["strategies"]),
+                     "stopped_early": bool(results.get("partial"))})
     chosen = choose(scores)
     table = grid_markdown(scores)
     cfg = results["config"]
-    doc = {"benchmark": "privacy_tuning", **_header(args, argv), "run_dir": str(run_dir), "run_wall_seconds": wall,
+    doc = {"benchmark": "privacy_tuning", **_header(args, argv), "runs": runs, "run_wall_seconds": wall,
            "seed": cfg["seed"], "rounds": cfg["train"]["rounds"], "score": f"test accuracy %, mean of last {LAST_N} rounds",
            "grid": {"clip_norm": sorted({r["clip_norm"] for r in scores}),
                     "server_lr": sorted({r["server_lr"] for r in scores}),
@@ -391,7 +421,9 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
         run_dir = base / f"seed{seed}"
         if args.from_run is None and not (args.resume and (run_dir / "results.json").exists()):
             raw = yaml.safe_load(args.config.read_text())
-            expanded, index = expand_final(raw, settings, args.epsilons, args.references)
+            only = {m: [float(e) for e in spec.split(",")]
+                    for m, spec in (item.split("=", 1) for item in args.epsilons_for)}
+            expanded, index = expand_final(raw, settings, args.epsilons, args.references, only)
             walls[seed] = _run(expanded, index, run_dir, [f"seed={seed}", *args.overrides], args.rounds)
         if not (run_dir / "results.json").exists():
             print(f"seed {seed}: no results in {run_dir}, skipped")
@@ -401,8 +433,11 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     rows = aggregate(per_seed)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
     cfg = json.loads((base / f"seed{min(per_seed)}" / "results.json").read_text())["config"]
-    experiment_like = cfg
-    noised = {m: noised_numbers(experiment_like, f"{m}-{eps_tag(epsilons[0])}") for m in settings}
+    names: dict[str, str] = {}
+    for seed_rows in per_seed.values():
+        for r in seed_rows:
+            names.setdefault(r["method"], r["strategy"])
+    noised = {m: noised_numbers(cfg, name) for m, name in names.items()}
     for r in rows:
         r["noised_numbers"] = noised.get(r["method"])
     verdict = targets(rows)
@@ -436,17 +471,22 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="DP strategies of the config")
         p.add_argument("--rounds", type=int, default=None, help="override train.rounds (default: the config's)")
         p.add_argument("--out", type=Path, default=Path("/tmp") / f"privacy_{step}", help="run folder(s)")
-        p.add_argument("--from-run", type=Path, default=None, help="skip training: analyse existing run folder(s)")
+        p.add_argument("--from-run", type=Path, nargs="+" if step == "tune" else None, default=None,
+                       help="skip training: analyse existing run folder(s)")
         p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     t = sub.choices["tune"]
     t.add_argument("--epsilons", type=float, nargs="+", default=[2.0, 8.0])
     t.add_argument("--clips", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     t.add_argument("--server-lrs", type=float, nargs="+", default=[1.0, 2.0])
+    t.add_argument("--points", nargs="+", default=None, metavar="CLIP:LR",
+                   help="explicit (clip, server lr) pairs instead of --clips × --server-lrs (a pruned grid)")
     t.add_argument("--seed", type=int, default=0)
     f = sub.choices["final"]
     f.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 2.0, 4.0, 8.0])
     f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    f.add_argument("--epsilons-for", nargs="*", default=[], metavar="METHOD=E1,E2",
+                   help="run METHOD at these ε only (default: every --epsilons value)")
     f.add_argument("--references", nargs="*", default=DEFAULT_REFERENCES, help="non-DP strategies of the config")
     f.add_argument("--tuning", type=Path, default=RESULTS_DIR / "privacy_tuning.json")
     f.add_argument("--resume", action="store_true", help="skip seeds whose run folder already has results.json")

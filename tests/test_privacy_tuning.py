@@ -60,6 +60,10 @@ def test_choose_keeps_one_setting_when_it_wins_everywhere_else_one_per_epsilon()
     assert tuning.choose_for(chosen["b"], 1.0) == {"clip_norm": 0.5, "server_lr": 1.0, "tuned_at": 2.0}
     assert tuning.choose_for(chosen["b"], 4.0)["tuned_at"] == 2.0  # as near to 2 as to 8 (log scale): the smaller
     assert tuning.choose_for(chosen["b"], 8.0) == {"clip_norm": 1.0, "server_lr": 2.0, "tuned_at": 8.0}
+    # Tuned at one ε only: that ε's best everywhere; incomplete grids (pruned points) are fine.
+    single = tuning.choose([_score("c", 2.0, 0.25, 1.0, 20.0), _score("c", 2.0, 0.5, 2.0, 21.0)])
+    assert single["c"]["rule"].startswith("tuned at ε = 2 only")
+    assert tuning.choose_for(single["c"], 8.0) == {"clip_norm": 0.5, "server_lr": 2.0, "tuned_at": 2.0}
 
 
 def test_final_expansion_uses_the_chosen_setting_per_epsilon_and_adds_references(tmp_path: Path) -> None:
@@ -74,6 +78,11 @@ def test_final_expansion_uses_the_chosen_setting_per_epsilon_and_adds_references
     assert by["dp-fedavg-eps8"]["train"]["server_optimizer"]["lr"] == 1.0
     assert index["fedavg"] == {"method": "fedavg", "epsilon": None}
     assert by["fedavg"]["train"] == {"sampling": "poisson"}
+    # A method can be limited to some ε values (compute budget).
+    limited, _ = tuning.expand_final(RAW, chosen, [1.0, 2.0, 4.0, 8.0], [], {"dp-powersgd-shared-r4": [1.0, 2.0]})
+    names = [s["name"] for s in limited["strategies"]]
+    assert "dp-powersgd-shared-r4-eps2" in names and "dp-powersgd-shared-r4-eps8" not in names
+    assert "dp-fedavg-eps8" in names
 
 
 def test_targets_read_the_seed_means() -> None:
