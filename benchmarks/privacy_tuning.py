@@ -21,7 +21,7 @@ Usage::
 
     python benchmarks/privacy_tuning.py tune  --out /tmp/pt_tune            # grid, seed 0, ε = 2 and 8
     python benchmarks/privacy_tuning.py final --out /tmp/pt_final           # seeds 0 1 2, ε = 1 2 4 8
-    python benchmarks/privacy_tuning.py final --from-run /tmp/pt_final      # re-analyse only
+    python benchmarks/privacy_tuning.py final --from-run /tmp/pt_final      # re-analyse only (several folders: merged)
 
 Tuning on the test accuracy of seed 0, which is also a final seed, flatters every method alike; it
 is a fair comparison between methods, not an unbiased estimate of any one of them.
@@ -414,25 +414,29 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     """Train every method at every ε with its chosen setting, once per seed, and aggregate."""
     tuning = json.loads(args.tuning.read_text())
     settings = {m: s for m, s in tuning["chosen"].items() if m in args.methods}
-    base = args.from_run or args.out
+    bases = args.from_run or [args.out]
     walls: dict[int, float | None] = {}
     per_seed: dict[int, list[dict[str, Any]]] = {}
     for seed in args.seeds:
-        run_dir = base / f"seed{seed}"
+        run_dir = bases[0] / f"seed{seed}"
         if args.from_run is None and not (args.resume and (run_dir / "results.json").exists()):
             raw = yaml.safe_load(args.config.read_text())
             only = {m: [float(e) for e in spec.split(",")]
                     for m, spec in (item.split("=", 1) for item in args.epsilons_for)}
             expanded, index = expand_final(raw, settings, args.epsilons, args.references, only)
             walls[seed] = _run(expanded, index, run_dir, [f"seed={seed}", *args.overrides], args.rounds)
-        if not (run_dir / "results.json").exists():
-            print(f"seed {seed}: no results in {run_dir}, skipped")
-            continue
-        index = json.loads((run_dir / "index.json").read_text())
-        per_seed[seed] = per_strategy(json.loads((run_dir / "results.json").read_text()), index)
+        # Several final runs (e.g. one method's extra ε values run later) merge per seed.
+        for base in bases:
+            seed_dir = base / f"seed{seed}"
+            if not (seed_dir / "results.json").exists():
+                print(f"seed {seed}: no results in {seed_dir}, skipped")
+                continue
+            index = json.loads((seed_dir / "index.json").read_text())
+            per_seed.setdefault(seed, []).extend(
+                per_strategy(json.loads((seed_dir / "results.json").read_text()), index))
     rows = aggregate(per_seed)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
-    cfg = json.loads((base / f"seed{min(per_seed)}" / "results.json").read_text())["config"]
+    cfg = json.loads((bases[0] / f"seed{min(per_seed)}" / "results.json").read_text())["config"]
     names: dict[str, str] = {}
     for seed_rows in per_seed.values():
         for r in seed_rows:
@@ -448,7 +452,7 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     args.results_dir.mkdir(parents=True, exist_ok=True)
     png = args.results_dir / "privacy_utility_tuned.png"
     plot(rows, epsilons, title, png)
-    doc = {"benchmark": "privacy_utility_tuned", **_header(args, argv), "run_dir": str(base),
+    doc = {"benchmark": "privacy_utility_tuned", **_header(args, argv), "run_dirs": [str(b) for b in bases],
            "run_wall_seconds": walls, "tuning": str(args.tuning), "chosen": settings,
            "setup": {"data": cfg["data"], "model": cfg["model"], "train": cfg["train"]},
            "epsilons": epsilons, "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()},
@@ -471,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help="DP strategies of the config")
         p.add_argument("--rounds", type=int, default=None, help="override train.rounds (default: the config's)")
         p.add_argument("--out", type=Path, default=Path("/tmp") / f"privacy_{step}", help="run folder(s)")
-        p.add_argument("--from-run", type=Path, nargs="+" if step == "tune" else None, default=None,
-                       help="skip training: analyse existing run folder(s)")
+        p.add_argument("--from-run", type=Path, nargs="+", default=None,
+                       help="skip training: analyse existing run folder(s); final: folders holding seed<N>/")
         p.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     t = sub.choices["tune"]
