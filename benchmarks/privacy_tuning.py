@@ -417,6 +417,7 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     bases = args.from_run or [args.out]
     walls: dict[int, float | None] = {}
     per_seed: dict[int, list[dict[str, Any]]] = {}
+    configs: dict[str, Any] = {}  # strategy name → the config of the run it is in
     for seed in args.seeds:
         run_dir = bases[0] / f"seed{seed}"
         if args.from_run is None and not (args.resume and (run_dir / "results.json").exists()):
@@ -432,8 +433,9 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
                 print(f"seed {seed}: no results in {seed_dir}, skipped")
                 continue
             index = json.loads((seed_dir / "index.json").read_text())
-            per_seed.setdefault(seed, []).extend(
-                per_strategy(json.loads((seed_dir / "results.json").read_text()), index))
+            results = json.loads((seed_dir / "results.json").read_text())
+            per_seed.setdefault(seed, []).extend(per_strategy(results, index))
+            configs.update({s["name"]: results["config"] for s in results["strategies"]})
     rows = aggregate(per_seed)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
     cfg = json.loads((bases[0] / f"seed{min(per_seed)}" / "results.json").read_text())["config"]
@@ -441,7 +443,7 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     for seed_rows in per_seed.values():
         for r in seed_rows:
             names.setdefault(r["method"], r["strategy"])
-    noised = {m: noised_numbers(cfg, name) for m, name in names.items()}
+    noised = {m: noised_numbers(configs[name], name) for m, name in names.items()}
     for r in rows:
         r["noised_numbers"] = noised.get(r["method"])
     verdict = targets(rows)
