@@ -14,7 +14,9 @@ seeds for every strategy — and reports per method and ε:
 
 Strategies without a ``privacy`` block run once, as non-private references. Outputs:
 ``benchmarks/results/privacy_utility.json`` (rows, verdict, markdown) and ``privacy_utility.png``
-(accuracy vs ε). The issue's target: DP-PowerSGD shared ≥ 5 pp above dense DP-FedAvg at ε = 8.
+(accuracy vs ε). The verdict is issue #11's target: DP-PowerSGD shared ≥ 5 pp above dense DP-FedAvg
+at ε = 8. One seed and the config's own clip norm and server lr for every method; for clip norm and
+server lr tuned per method, several seeds and issue #18's targets, see ``privacy_tuning.py``.
 
 Usage::
 
