@@ -9,7 +9,7 @@ values, on the wide MLP task of configs/parity_mlp.yaml (FedAvgM server, 200 rou
     python benchmarks/core_probe.py rank=16 core=64       # core k=64 + rank 16 (same values per client)
     python benchmarks/core_probe.py rank=40 ; python benchmarks/core_probe.py dense=1
 Arguments: rank, core, rounds (200), clr (0.2), mom (0.9), seed (0), bits (32 = no quantization), mem
-(decay of the aggregate memory the subspaces come from, 0). Prints the mean accuracy of the last 10 rounds.
+(decay of the aggregate memory the subspaces come from, 0), qa (1: fit Q to the quantized P). Prints the mean accuracy of the last 10 rounds.
 """
 import sys, time, json, math
 sys.path.insert(0, str(__import__('pathlib').Path(__file__).resolve().parents[1]))
@@ -21,6 +21,7 @@ args = dict(a.split('=') for a in sys.argv[1:])
 rank = int(args.get('rank', 16)); core = int(args.get('core', 0)); rounds = int(args.get('rounds', 200))
 clr = float(args.get('clr', 0.2)); mom = float(args.get('mom', 0.9)); seed = int(args.get('seed', 0))
 dense = args.get('dense', '0') == '1'; bits = int(args.get('bits', 32)); mem = float(args.get('mem', 0.0))
+qa = args.get('qa', '0') == '1'
 exp = load_config(__import__('pathlib').Path(__file__).resolve().parents[1] / 'configs' / 'parity_mlp.yaml')
 exp = exp.model_copy(update={'seed': seed})
 settings = exp.resolve('fedavgm')
@@ -76,7 +77,11 @@ for rnd in range(1, rounds + 1):
             for _ in range(4):
                 P = orth(R @ Q); Q = R.T @ P
             Qs[(cid, k)] = Q
-            Pq, Qq = quant(P), quant(Q)
+            if qa:  # quantization-aware: quantize P first, then fit Q to the quantized P (least squares)
+                Pq = quant(P)
+                Qq = quant(R.T @ Pq @ torch.linalg.pinv(Pq.T @ Pq))
+            else:
+                Pq, Qq = quant(P), quant(Q)
             approx = approx + Pq @ Qq.T; vals += P.numel() + Q.numel()
             res[(cid, k)] = M - approx
             agg[k] += n * approx
