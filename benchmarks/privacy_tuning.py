@@ -46,8 +46,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bytes_to_accuracy import run_experiment  # noqa: E402  (sibling benchmark scripts)
-from common import machine_info, save_figure, write_json  # noqa: E402
-from privacy_utility import eps_tag, noised_numbers  # noqa: E402
+from common import machine_info, write_json  # noqa: E402
+from privacy_utility import eps_tag, finish_epsilon_plot, noised_numbers  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "dp_compare.yaml"
 RESULTS_DIR = ROOT / "benchmarks" / "results"
@@ -331,14 +331,7 @@ def plot(rows: Sequence[Mapping[str, Any]], epsilons: Sequence[float], title: st
                         lw=2.2 if method == BASELINE else 1.5, label=method)
         if ref is not None:
             ax.axhline(ref["accuracy"]["mean"], color=colors(i % 10), ls=":", lw=1.2, label=f"{method} (no DP)")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
-    ax.set(xlabel="ε (δ = 1e-5, user-level, add-or-remove one client)",
-           ylabel=f"test accuracy, mean of last {LAST_N} rounds (%)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path)
+    finish_epsilon_plot(fig, ax, epsilons, title, path)
 
 
 # --- commands --------------------------------------------------------------------------------------

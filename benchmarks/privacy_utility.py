@@ -34,7 +34,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -222,8 +222,13 @@ def plot(rows: list[dict[str, Any]], epsilons: list[float], title: str, path: Pa
                     lw=2.2 if method == BASELINE else 1.5, label=method)
         if ref is not None and ref[key] is not None:
             ax.axhline(ref[key], color=colors(i % 10), ls=":", lw=1.2, label=f"{method} (no DP)")
+    finish_epsilon_plot(fig, ax, epsilons, title, path)
+
+
+def finish_epsilon_plot(fig: Any, ax: Any, epsilons: Sequence[float], title: str, path: Path) -> None:
+    """Log-ε axis with one tick per ε, labels, legend; saved to ``path`` (accuracy against ε plots)."""
     ax.set_xscale("log", base=2)
-    ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
+    ax.set_xticks(list(epsilons), [f"{e:g}" for e in epsilons])
     ax.set(xlabel="ε (δ = 1e-5, user-level, add-or-remove one client)",
            ylabel=f"test accuracy, mean of last {LAST_N} rounds (%)", title=title)
     ax.grid(alpha=0.3)
