@@ -370,6 +370,9 @@ class CompressionConfig(_Model):
             if "entropy_coding" not in self.model_fields_set:
                 self.entropy_coding = "zlib"
         bits = self.effective_bits
+        if self.quantize_scheme == "nearest" and bits not in (8, 4, 2):
+            issues.append((("quantize_scheme",), f"scheme 'nearest' rounds 8/4/2-bit codes, got "
+                           f"{'no quantization' if bits is None else f'{bits} bits'}; set quantize_bits"))
         if self.quantize_scheme == "log" and bits not in (8, 4):
             issues.append((("quantize_scheme",), f"scheme 'log' needs 8 or 4 bits, got "
                            f"{'no quantization' if bits is None else f'{bits} bits'}"))

@@ -455,3 +455,5 @@ def test_config_passes_nearest_to_the_codec() -> None:
 
     codec = build_codec(CompressionConfig(method="powersgd", rank=2, quantize_bits=4, quantize_scheme="nearest"))
     assert "scheme='nearest'" in repr(codec)
+    with pytest.raises(ValueError, match="nearest"):  # nothing to round: refused rather than ignored
+        CompressionConfig(method="topk", quantize_scheme="nearest")
