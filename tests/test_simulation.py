@@ -33,7 +33,8 @@ def _experiment() -> dict[str, Any]:
             {"name": "psgd-shared", "compression": {"method": "powersgd", "mode": "shared", "rank": 2,
                                                     "quantize_bits": 8, "error_feedback": True}},
             {"name": "broken", "compression": {"method": "topk", "ratio": 0.05}, "train": {"rounds": 2}},
-            {"name": "warmup", "compression": {"method": "powersgd", "rank": 2, "start_after_rounds": 1},
+            {"name": "warmup", "compression": {"method": "powersgd", "rank": 2, "start_after_rounds": 1,
+                                               "entropy_coding": "none"},  # raw: its dense round 1 = fedavg's
              "train": {"rounds": 2, "federated_evaluation": True}},
             {"name": "dp-shared",
              "compression": {"method": "powersgd", "mode": "shared", "rank": 2, "quantize_bits": 8},
