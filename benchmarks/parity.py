@@ -18,6 +18,7 @@ of issue #17, with its ratio to the best dense baseline's own bytes to that targ
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import subprocess
@@ -69,7 +70,7 @@ def run(config: Path, seeds: list[int], only: list[str] | None, rounds: int | No
 
 def _absolute_paths(document: dict[str, Any], base: Path) -> dict[str, Any]:
     """The config with its YAML-relative paths made absolute, so that a copy in a run folder still finds them."""
-    out = json.loads(json.dumps(document))
+    out = copy.deepcopy(document)
     for section, key in (("data", "path"), ("model", "weights"), ("client_state", "dir")):
         block = out.get(section)
         if isinstance(block, dict) and isinstance(block.get(key), str) and not Path(block[key]).is_absolute():

@@ -352,6 +352,15 @@ def _header(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
             "config": str(args.config), "machine": machine_info()}
 
 
+def _save(doc: dict[str, Any], out: Path, table: str, summary: Any, also: Path | None = None) -> None:
+    """Write a results document and print its table, its summary and where it went."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(doc, out)
+    print(table)
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}" + (f", {also}" if also else ""))
+
+
 def load_results(run_dir: Path) -> dict[str, Any]:
     """``run_dir``'s results.json; for a run that was stopped early, its finished strategies from the checkpoint."""
     path = run_dir / "results.json"
@@ -394,12 +403,7 @@ def tune(args: argparse.Namespace, argv: list[str] | None) -> int:
            "environment": results.get("environment"), "setup": {"data": cfg["data"], "model": cfg["model"],
                                                                  "train": cfg["train"]},
            "rows": scores, "chosen": chosen, "markdown": {"grid": table}}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / "privacy_tuning.json"
-    write_json(doc, out)
-    print(table)
-    print(json.dumps(chosen, indent=2))
-    print(f"wrote {out}")
+    _save(doc, args.results_dir / "privacy_tuning.json", table, chosen)
     return 0
 
 
@@ -411,6 +415,7 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
     walls: dict[int, float | None] = {}
     per_seed: dict[int, list[dict[str, Any]]] = {}
     configs: dict[str, Any] = {}  # strategy name → the config of the run it is in
+    first_config: dict[int, Any] = {}  # seed → the config of its first run folder (bases[0] when it has results)
     for seed in args.seeds:
         run_dir = bases[0] / f"seed{seed}"
         if args.from_run is None and not (args.resume and (run_dir / "results.json").exists()):
@@ -429,9 +434,10 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
             results = json.loads((seed_dir / "results.json").read_text())
             per_seed.setdefault(seed, []).extend(per_strategy(results, index))
             configs.update({s["name"]: results["config"] for s in results["strategies"]})
+            first_config.setdefault(seed, results["config"])
     rows = aggregate(per_seed)
     epsilons = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None})
-    cfg = json.loads((bases[0] / f"seed{min(per_seed)}" / "results.json").read_text())["config"]
+    cfg = first_config[min(per_seed)]
     names: dict[str, str] = {}
     for seed_rows in per_seed.values():
         for r in seed_rows:
@@ -452,11 +458,7 @@ def final(args: argparse.Namespace, argv: list[str] | None) -> int:
            "setup": {"data": cfg["data"], "model": cfg["model"], "train": cfg["train"]},
            "epsilons": epsilons, "rows": rows, "per_seed": {str(k): v for k, v in per_seed.items()},
            "targets": verdict, "markdown": {"table": table}}
-    out = args.results_dir / "privacy_utility_tuned.json"
-    write_json(doc, out)
-    print(table)
-    print(json.dumps(verdict, indent=2))
-    print(f"wrote {out}, {png}")
+    _save(doc, args.results_dir / "privacy_utility_tuned.json", table, verdict, also=png)
     return 0
 
 

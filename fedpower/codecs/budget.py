@@ -122,7 +122,7 @@ def budget_bytes(compression: "CompressionConfig", inputs: Mapping[str, ArraySpe
         return float(compression.budget_bytes_per_round)
     if compression.budget_reduction is None:
         raise ValueError("no byte budget: set compression.budget_bytes_per_round or budget_reduction")
-    return sum(4 * math.prod(spec.shape) for spec in inputs.values()) / compression.budget_reduction
+    return payload_sizer(None)(inputs) / compression.budget_reduction  # dense fp32 bytes of the update
 
 
 def ranks_for(compression: "CompressionConfig | Mapping[str, object]", inputs: Mapping[str, ArraySpec],
